@@ -1,0 +1,1 @@
+"""The router <-> worker wire protocol: message structs, codec, error kinds. No I/O."""

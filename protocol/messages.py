@@ -1,0 +1,156 @@
+"""Every message that crosses the router <-> worker boundary.
+
+Messages are tagged msgspec Structs encoded as msgpack. Bulk bytes (an HTTP
+request body, rendered response bytes) never go inside a struct: they travel as
+a separate payload frame so neither side re-encodes them.
+
+Conversation:  worker Hello -> router Configure -> worker LoadProgress* ->
+worker Ready | LoadFailed. Then Request/Cancel down, ResponseHead, BodyChunk*,
+ResponseEnd | ResponseError up. Heartbeat both ways; Shutdown down.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+from protocol.errors import ErrorKind
+
+PROTOCOL_VERSION = 1
+
+_TAG = "t"
+
+
+class Endpoint(enum.Enum):
+    CHAT = "chat"
+    COMPLETION = "completion"
+    EMBEDDING = "embedding"
+
+
+# Option values a model may pass to its backend; kept scalar so the wire stays typed.
+OptionValue = str | int | float | bool
+
+
+class WorkerConfig(msgspec.Struct, frozen=True):
+    """What a worker needs to load one model. Built by the router's catalog."""
+
+    name: str
+    path: str
+    backend: str = "llama_cpp"
+    n_ctx: int = 0
+    n_gpu_layers: int = 0
+    n_threads: int = 0
+    chat_format: str | None = None
+    mmproj: str | None = None
+    options: dict[str, OptionValue] = {}
+
+
+class ModelInfo(msgspec.Struct, frozen=True):
+    """What a worker learned by loading its model, reported in Ready."""
+
+    backend: str
+    device: str
+    n_ctx: int
+    n_ctx_train: int
+    n_vocab: int
+    n_params: int
+    file_size: int
+    chat_template: bool
+
+
+# ---- router -> worker ------------------------------------------------------
+
+
+class Configure(msgspec.Struct, tag="configure", tag_field=_TAG, frozen=True):
+    model: WorkerConfig
+
+
+class Request(msgspec.Struct, tag="request", tag_field=_TAG, frozen=True):
+    """Payload frame: the client's HTTP body, unparsed by the router."""
+
+    req_id: int
+    endpoint: Endpoint
+
+
+class Cancel(msgspec.Struct, tag="cancel", tag_field=_TAG, frozen=True):
+    req_id: int
+
+
+class Shutdown(msgspec.Struct, tag="shutdown", tag_field=_TAG, frozen=True):
+    reason: str = ""
+
+
+class Heartbeat(msgspec.Struct, tag="heartbeat", tag_field=_TAG, frozen=True):
+    seq: int = 0
+
+
+# ---- worker -> router ------------------------------------------------------
+
+
+class Hello(msgspec.Struct, tag="hello", tag_field=_TAG, frozen=True):
+    protocol_version: int
+    pid: int
+    worker_id: str
+
+
+class LoadProgress(msgspec.Struct, tag="load_progress", tag_field=_TAG, frozen=True):
+    stage: str
+    value: float
+
+
+class Ready(msgspec.Struct, tag="ready", tag_field=_TAG, frozen=True):
+    info: ModelInfo
+
+
+class LoadFailed(msgspec.Struct, tag="load_failed", tag_field=_TAG, frozen=True):
+    kind: ErrorKind
+    message: str
+
+
+class WorkerStatus(msgspec.Struct, tag="status", tag_field=_TAG, frozen=True):
+    active: int
+    queued: int
+
+
+class ResponseHead(msgspec.Struct, tag="head", tag_field=_TAG, frozen=True):
+    req_id: int
+    status: int
+    content_type: str
+
+
+class BodyChunk(msgspec.Struct, tag="chunk", tag_field=_TAG, frozen=True):
+    """Payload frame: response bytes exactly as the client will receive them."""
+
+    req_id: int
+
+
+class ResponseEnd(msgspec.Struct, tag="end", tag_field=_TAG, frozen=True):
+    req_id: int
+
+
+class ResponseError(msgspec.Struct, tag="error", tag_field=_TAG, frozen=True):
+    """A request failed before its head was sent; the router renders the HTTP error."""
+
+    req_id: int
+    kind: ErrorKind
+    message: str
+    param: str | None = None
+
+
+Downstream = Configure | Request | Cancel | Shutdown | Heartbeat
+Upstream = (
+    Hello
+    | LoadProgress
+    | Ready
+    | LoadFailed
+    | WorkerStatus
+    | ResponseHead
+    | BodyChunk
+    | ResponseEnd
+    | ResponseError
+    | Heartbeat
+)
+
+# Messages that must (and only these may) carry a payload frame.
+WITH_PAYLOAD: tuple[type, ...] = (Request, BodyChunk)

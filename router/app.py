@@ -1,0 +1,74 @@
+"""The Starlette application: routes, middleware, OpenAI-shaped errors, lifespan."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from protocol.errors import ErrorKind, error_body
+from protocol.messages import Endpoint
+from router import models_api
+from router.auth import APIKeyMiddleware
+from router.bridge import Bridge
+from router.config import Settings
+from router.pool import Pool
+from router.proxy import OpenAIRoute
+
+log = logging.getLogger("modelherd.app")
+
+_STATUS_KIND = {401: ErrorKind.AUTHENTICATION, 404: ErrorKind.NOT_FOUND, 413: ErrorKind.TOO_LARGE}
+
+
+def build_app(settings: Settings, pool: Pool, bridge: Bridge) -> Starlette:
+    server = settings.server
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        bridge.start()
+        try:
+            yield
+        finally:
+            log.info("stopping %d worker(s)", sum(1 for s in pool.slots() if s.worker is not None))
+            await pool.close()
+            await bridge.close()
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    def proxied(endpoint: Endpoint) -> OpenAIRoute:
+        return OpenAIRoute(endpoint, pool, bridge, server.max_body_bytes, server.autoload)
+
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/v1/chat/completions", proxied(Endpoint.CHAT), methods=["POST"]),
+        Route("/v1/completions", proxied(Endpoint.COMPLETION), methods=["POST"]),
+        Route("/v1/embeddings", proxied(Endpoint.EMBEDDING), methods=["POST"]),
+        *models_api.routes(pool),
+    ]
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        kind = _STATUS_KIND.get(exc.status_code, ErrorKind.INVALID_REQUEST)
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return Response(error_body(kind, message), status_code=exc.status_code,
+                        media_type="application/json", headers=exc.headers)
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return Response(error_body(ErrorKind.INTERNAL, "internal server error"), status_code=500,
+                        media_type="application/json")
+
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(APIKeyMiddleware, keys=server.api_keys)],
+        exception_handlers={HTTPException: http_error, Exception: server_error},
+        lifespan=lifespan,
+    )

@@ -1,0 +1,117 @@
+"""The router's end of the wire: one ROUTER socket and one reader task.
+
+Response frames go to per-request queues; every other worker message goes to
+the handler registered for that worker's identity. A bad frame is logged and
+dropped: the reader never dies of input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable
+
+import zmq
+import zmq.asyncio
+
+from protocol.codec import ProtocolError, RouterCodec
+from protocol.errors import ErrorKind
+from protocol.messages import BodyChunk, Downstream, ResponseEnd, ResponseError, ResponseHead, Upstream
+
+log = logging.getLogger("modelherd.bridge")
+
+# What a request's queue carries: a response message and its payload, if any.
+Item = tuple[ResponseHead | BodyChunk | ResponseEnd | ResponseError, bytes | None]
+PeerHandler = Callable[[Upstream], None]
+_RESPONSES = (ResponseHead, BodyChunk, ResponseEnd, ResponseError)
+
+
+class PeerUnreachable(Exception):
+    """The worker's socket is not connected (it died, or never came up)."""
+
+
+class Bridge:
+    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self._sock = ctx.socket(zmq.ROUTER)
+        # Sending to an identity that is not connected raises instead of dropping silently.
+        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.bind(endpoint)
+        self._codec = RouterCodec()
+        self._peers: dict[bytes, PeerHandler] = {}
+        self._streams: dict[int, tuple[bytes, asyncio.Queue[Item]]] = {}
+        self._ids = itertools.count(1)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._read(), name="bridge-reader")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._sock.close(linger=0)
+
+    # ---- peers and streams --------------------------------------------------
+
+    def add_peer(self, identity: bytes, handler: PeerHandler) -> None:
+        self._peers[identity] = handler
+
+    def remove_peer(self, identity: bytes) -> None:
+        self._peers.pop(identity, None)
+
+    def open_stream(self, identity: bytes) -> tuple[int, asyncio.Queue[Item]]:
+        req_id = next(self._ids)
+        queue: asyncio.Queue[Item] = asyncio.Queue()
+        self._streams[req_id] = (identity, queue)
+        return req_id, queue
+
+    def close_stream(self, req_id: int) -> None:
+        self._streams.pop(req_id, None)
+
+    def fail_streams(self, identity: bytes, message: str) -> int:
+        """End every open request of a dead worker with an error; returns how many."""
+        failed = 0
+        for req_id, (owner, queue) in list(self._streams.items()):
+            if owner == identity:
+                queue.put_nowait((ResponseError(req_id, ErrorKind.WORKER_FAILED, message), None))
+                failed += 1
+        return failed
+
+    def send(self, identity: bytes, msg: Downstream, payload: bytes | None = None) -> None:
+        """Send without awaiting: a ROUTER socket never blocks on a connected peer."""
+        frames = [identity, *self._codec.encode(msg, payload)]
+        try:
+            zmq.Socket.send_multipart(self._sock, frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:
+            raise PeerUnreachable(f"worker {identity.decode(errors='replace')}: {exc}") from exc
+
+    # ---- reader --------------------------------------------------------------
+
+    async def _read(self) -> None:
+        while True:
+            frames = await self._sock.recv_multipart(copy=True)
+            if len(frames) < 2:
+                log.error("dropping a message without identity or header")
+                continue
+            identity = frames[0]
+            try:
+                msg, payload = self._codec.decode(frames[1:])
+            except ProtocolError as exc:
+                log.error("dropping bad frame from %r: %s", identity, exc)
+                continue
+            if isinstance(msg, _RESPONSES):
+                stream = self._streams.get(msg.req_id)
+                if stream is not None:
+                    stream[1].put_nowait((msg, payload))
+                continue
+            handler = self._peers.get(identity)
+            if handler is None:
+                log.warning("message %s from unknown worker %r", type(msg).__name__, identity)
+                continue
+            try:
+                handler(msg)
+            except Exception:
+                log.exception("handler for %r failed on %s", identity, type(msg).__name__)

@@ -1,0 +1,125 @@
+"""Which models exist: configured ones plus what the models dirs hold.
+
+Discovery follows llama-server's router mode: every top-level `*.gguf` is a model
+named after the file (without `.gguf`); every subfolder holding GGUF files is a
+model named after the folder, using the first shard of a split model
+(`-00001-of-0000N`) and an `mmproj*` file as the multimodal projector.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from protocol.messages import WorkerConfig
+from router.config import BackendOptions, ConfigError, ModelSection, Settings
+
+_SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    path: Path
+    backend: str
+    aliases: tuple[str, ...]
+    origin: str  # "config" | "models_dir"
+    worker: WorkerConfig
+
+
+class Catalog:
+    def __init__(self, entries: list[ModelEntry]) -> None:
+        self._entries: dict[str, ModelEntry] = {}
+        self._by_alias: dict[str, str] = {}
+        for entry in entries:
+            self._entries[entry.name] = entry
+        for entry in entries:
+            for alias in entry.aliases:
+                owner = self._by_alias.get(alias) or (alias if alias in self._entries else None)
+                if owner is not None and owner != entry.name:
+                    raise ConfigError(
+                        f"config key models.{entry.name}.aliases: {alias!r} already names model {owner!r}")
+                self._by_alias[alias] = entry.name
+
+    def resolve(self, name: str) -> ModelEntry | None:
+        entry = self._entries.get(name)
+        if entry is None and name in self._by_alias:
+            entry = self._entries[self._by_alias[name]]
+        return entry
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def build_catalog(settings: Settings) -> Catalog:
+    entries: dict[str, ModelEntry] = {}
+    for directory in settings.models_dirs:
+        for name, path, mmproj in discover(directory):
+            entries.setdefault(name, _entry(name, path, mmproj, "models_dir", (), None,
+                                            settings.defaults, None))
+    for name, section in settings.models.items():
+        path = Path(section.source).expanduser()
+        if not path.is_absolute():
+            path = settings.config_dir / path
+        mmproj = Path(section.mmproj).expanduser() if section.mmproj else None
+        if mmproj is not None and not mmproj.is_absolute():
+            mmproj = settings.config_dir / mmproj
+        entries[name] = _entry(name, path, mmproj, "config", tuple(section.aliases),
+                               section.backend, settings.defaults, section)
+    return Catalog(list(entries.values()))
+
+
+def discover(directory: Path) -> list[tuple[str, Path, Path | None]]:
+    """(name, model file, projector) for each model in `directory`, sorted by name."""
+    if not directory.is_dir():
+        return []
+    found: list[tuple[str, Path, Path | None]] = []
+    for child in sorted(directory.iterdir()):
+        if child.is_file() and child.suffix.lower() == ".gguf":
+            if _is_projector(child) or _is_later_shard(child):
+                continue
+            found.append((child.name[: -len(".gguf")], child, None))
+        elif child.is_dir():
+            ggufs = sorted(p for p in child.iterdir() if p.is_file() and p.suffix.lower() == ".gguf")
+            models = [p for p in ggufs if not _is_projector(p) and not _is_later_shard(p)]
+            projectors = [p for p in ggufs if _is_projector(p)]
+            if models:
+                found.append((child.name, models[0], projectors[0] if projectors else None))
+    return found
+
+
+def _is_projector(path: Path) -> bool:
+    return path.name.lower().startswith("mmproj")
+
+
+def _is_later_shard(path: Path) -> bool:
+    m = _SHARD.search(path.name)
+    return m is not None and int(m.group(1)) != 1
+
+
+def _entry(name: str, path: Path, mmproj: Path | None, origin: str, aliases: tuple[str, ...],
+           backend: str | None, defaults: BackendOptions, own: ModelSection | None) -> ModelEntry:
+    def pick(field: str) -> object:
+        value = getattr(own, field, None) if own is not None else None
+        return getattr(defaults, field) if value is None else value
+
+    options = dict(defaults.options)
+    if own is not None:
+        options.update(own.options)
+    n_ctx = pick("n_ctx")
+    worker = WorkerConfig(
+        name=name,
+        path=str(path),
+        backend=backend or "llama_cpp",
+        n_ctx=int(n_ctx or 0),  # type: ignore[call-overload]
+        n_gpu_layers=int(pick("n_gpu_layers") or 0),  # type: ignore[call-overload]
+        n_threads=int(pick("n_threads") or 0),  # type: ignore[call-overload]
+        chat_format=pick("chat_format"),  # type: ignore[arg-type]
+        mmproj=str(mmproj) if mmproj else None,
+        options=options,
+    )
+    return ModelEntry(name, path, worker.backend, aliases, origin, worker)

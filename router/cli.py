@@ -1,0 +1,58 @@
+"""Command line: `modelherd serve ...`.
+
+Kept free of heavy imports: spawned workers import the parent's main module,
+and this is it when started from the console script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modelherd", description="Serve several local LLMs "
+                                     "behind one OpenAI-compatible endpoint.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the daemon")
+    serve.add_argument("--config", type=Path, help="TOML config file (every key optional)")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
+    serve.add_argument("--models-dir", dest="models_dirs", action="append", metavar="DIR",
+                       help="folder to scan for models; repeatable")
+    serve.add_argument("--no-autoload", dest="autoload", action="store_false", default=None,
+                       help="do not load a model on first use; use POST /models/load")
+    serve.add_argument("--api-key", dest="api_keys", action="append", metavar="KEY",
+                       help="require this API key; repeatable")
+    serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--max-body-bytes", type=int, help="largest request body (default 16 MiB)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from router.config import ConfigError, build_settings
+
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    try:
+        settings = build_settings(args.config, overrides)
+    except ConfigError as exc:
+        print(f"modelherd: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.server.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from router.catalog import build_catalog
+    from router.server import serve
+
+    try:
+        build_catalog(settings)  # alias clashes are config errors too
+    except ConfigError as exc:
+        print(f"modelherd: {exc}", file=sys.stderr)
+        return 2
+    return serve(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Settings: the TOML config file, built-in defaults, and command-line overrides.
+
+Every key is optional. The file is validated strictly (unknown keys are errors)
+so a typo is reported by name instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from protocol.messages import OptionValue
+
+DEFAULT_PORT = 8080
+DEFAULT_MAX_BODY = 16 * 1024 * 1024
+
+Port = Annotated[int, Meta(ge=0, le=65535)]
+Backend = Literal["llama_cpp"]
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the key and the problem."""
+
+
+class ServerSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    host: str = "127.0.0.1"
+    port: Port = DEFAULT_PORT
+    api_keys: list[Annotated[str, Meta(min_length=1)]] = []
+    models_dirs: list[str] = []
+    autoload: bool = True
+    max_body_bytes: Annotated[int, Meta(ge=1024)] = DEFAULT_MAX_BODY
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    stop_timeout: Annotated[float, Meta(ge=0)] = 10.0
+    load_timeout: Annotated[float, Meta(gt=0)] = 600.0
+
+
+class BackendOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Options that may be set in [defaults] and overridden per model."""
+
+    n_ctx: Annotated[int, Meta(ge=0)] | None = None
+    n_gpu_layers: int | None = None
+    n_threads: Annotated[int, Meta(ge=0)] | None = None
+    chat_format: str | None = None
+    options: dict[str, OptionValue] = {}
+
+
+class ModelSection(BackendOptions, forbid_unknown_fields=True, kw_only=True):
+    source: Annotated[str, Meta(min_length=1)]
+    backend: Backend | None = None
+    aliases: list[Annotated[str, Meta(min_length=1)]] = []
+    mmproj: str | None = None
+
+
+class FileConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    server: ServerSection = msgspec.field(default_factory=ServerSection)
+    defaults: BackendOptions = msgspec.field(default_factory=BackendOptions)
+    models: dict[str, ModelSection] = {}
+
+
+class Settings(msgspec.Struct, kw_only=True):
+    """The effective settings after file + flags; what the daemon runs on."""
+
+    server: ServerSection
+    defaults: BackendOptions
+    models: dict[str, ModelSection]
+    models_dirs: list[Path]
+    default_models_dir: bool
+    config_dir: Path
+
+
+def default_models_dir(env: dict[str, str] | None = None) -> Path:
+    """systemd's StateDirectory when set, else $XDG_DATA_HOME/modelherd/models."""
+    env = dict(os.environ) if env is None else env
+    state = env.get("STATE_DIRECTORY")
+    if state:
+        return Path(state.split(":")[0]) / "models"
+    data = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "modelherd" / "models"
+
+
+def load_file(path: Path) -> FileConfig:
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    try:
+        return msgspec.convert(raw, FileConfig)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"config file {path}: {_readable(str(exc))}") from exc
+
+
+def _readable(message: str) -> str:
+    # msgspec says "... - at `$.server.port`"; users think in TOML keys.
+    text, sep, where = message.rpartition(" - at `$.")
+    if not sep:
+        return message
+    key = where.rstrip("`").replace('["', ".").replace('"]', "")
+    return f"key {key}: {text}"
+
+
+def build_settings(config_path: Path | None, overrides: dict[str, Any]) -> Settings:
+    """Merge the file (if any) with flag overrides; flags win."""
+    file = load_file(config_path) if config_path else FileConfig()
+    server = msgspec.structs.replace(file.server, **{k: v for k, v in overrides.items()
+                                                     if v is not None and k != "models_dirs"})
+    flag_dirs = overrides.get("models_dirs")
+    config_dir = config_path.parent.resolve() if config_path else Path.cwd()
+    dirs = flag_dirs if flag_dirs else server.models_dirs
+    uses_default = not dirs
+    paths = [default_models_dir()] if uses_default else [_resolve(config_dir, d) for d in dirs]
+    try:
+        server = msgspec.convert(msgspec.to_builtins(server), ServerSection)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid option: {_readable(str(exc))}") from exc
+    for name, model in file.models.items():
+        if model.source.startswith(("hf://", "https://", "http://")):
+            raise ConfigError(
+                f"config key models.{name}.source: remote sources are not supported yet; "
+                "give a local file path")
+    return Settings(server=server, defaults=file.defaults, models=file.models,
+                    models_dirs=paths, default_models_dir=uses_default, config_dir=config_dir)
+
+
+def _resolve(base: Path, path: str) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (base / p)

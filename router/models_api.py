@@ -1,0 +1,120 @@
+"""Model listing and management routes: /v1/models, /models, /models/load, /models/unload.
+
+`/models` follows llama-server's router mode: each entry has `id` and a
+`status.value` of unloaded | loading | loaded | failed, so clients written for
+llama-server's model picker work unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from protocol.errors import ErrorKind, error_body
+from router.pool import ModelStatus, Pool, PoolError, Slot
+
+
+class _ModelRef(msgspec.Struct):
+    model: str
+    wait: bool = False
+
+
+def _status(slot: Slot) -> dict[str, Any]:
+    status: dict[str, Any] = {"value": slot.status.value, "failed": slot.status is ModelStatus.FAILED}
+    if slot.status is ModelStatus.LOADING:
+        status["progress"] = round(slot.progress, 3)
+    if slot.failure is not None and slot.status is ModelStatus.FAILED:
+        status["exit_code"] = slot.failure.exit_code
+        status["message"] = slot.failure.message
+        status["log_tail"] = slot.failure.log_tail
+    return status
+
+
+def _created(slot: Slot) -> int:
+    try:
+        return int(slot.entry.path.stat().st_mtime)
+    except OSError:
+        return 0
+
+
+def model_entry(slot: Slot) -> dict[str, Any]:
+    entry = slot.entry
+    out: dict[str, Any] = {
+        "id": entry.name,
+        "object": "model",
+        "created": _created(slot),
+        "owned_by": "modelherd",
+        "aliases": list(entry.aliases),
+        "backend": entry.backend,
+        "source": str(entry.path),
+        "path": str(entry.path),
+        "origin": entry.origin,
+        "status": _status(slot),
+        "pid": slot.worker.pid if slot.worker is not None else None,
+        "in_flight": slot.in_flight,
+    }
+    if slot.info is not None and slot.status is ModelStatus.LOADED:
+        out["meta"] = msgspec.to_builtins(slot.info)
+    return out
+
+
+def _error(kind: ErrorKind, message: str, param: str | None = None) -> Response:
+    return Response(error_body(kind, message, param), status_code=kind.status,
+                    media_type="application/json")
+
+
+async def _model_ref(request: Request) -> _ModelRef | Response:
+    try:
+        return msgspec.json.decode(await request.body(), type=_ModelRef)
+    except msgspec.ValidationError as exc:
+        return _error(ErrorKind.INVALID_REQUEST, f"invalid request: {exc}", "model")
+    except msgspec.DecodeError as exc:
+        return _error(ErrorKind.INVALID_REQUEST, f"malformed JSON body: {exc}")
+
+
+def routes(pool: Pool) -> list[Route]:
+    async def list_openai(request: Request) -> Response:
+        data = [{"id": s.entry.name, "object": "model", "created": _created(s), "owned_by": "modelherd",
+                 "status": {"value": s.status.value}} for s in pool.slots()]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def list_router(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [model_entry(s) for s in pool.slots()]})
+
+    async def load(request: Request) -> Response:
+        ref = await _model_ref(request)
+        if isinstance(ref, Response):
+            return ref
+        slot = pool.slot(ref.model)
+        if slot is None:
+            return _error(ErrorKind.NOT_FOUND, f"model {ref.model!r} not found", "model")
+        if slot.status is not ModelStatus.LOADED or slot.worker is None:
+            task = pool.start_load(slot)
+            if ref.wait:
+                try:
+                    await asyncio.shield(task)
+                except PoolError as exc:
+                    return _error(exc.kind, exc.message)
+        return JSONResponse({"success": True, "model": model_entry(slot)})
+
+    async def unload(request: Request) -> Response:
+        ref = await _model_ref(request)
+        if isinstance(ref, Response):
+            return ref
+        try:
+            await pool.unload(ref.model)
+        except PoolError as exc:
+            return _error(exc.kind, exc.message, "model")
+        return JSONResponse({"success": True})
+
+    return [
+        Route("/v1/models", list_openai, methods=["GET"]),
+        Route("/models", list_router, methods=["GET"]),
+        Route("/models/load", load, methods=["POST"]),
+        Route("/models/unload", unload, methods=["POST"]),
+    ]

@@ -1,0 +1,179 @@
+"""The hot path: the OpenAI routes that proxy a request to its model's worker.
+
+The router reads the body once, peeks at `model` and `stream`, and hands the
+raw bytes to the worker. The worker answers with a head, body chunks already
+rendered as the client will see them, and an end; this module only relays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import msgspec
+from starlette.types import Receive, Scope, Send
+
+from protocol.errors import ErrorKind, sse_error_event
+from protocol.messages import BodyChunk, Cancel, Endpoint, Request, ResponseEnd, ResponseError, ResponseHead
+from router.bridge import Bridge, Item, PeerUnreachable
+from router.errors import HTTPError, send_error
+from router.pool import Pool, PoolError
+
+log = logging.getLogger("modelherd.proxy")
+
+SSE = "text/event-stream"
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+# Put on a request's queue by the disconnect watcher; never sent by a worker.
+_CLIENT_GONE: Item = (ResponseEnd(-1), None)
+
+
+class _Routed(msgspec.Struct):
+    """The only fields the router reads; the rest is the worker's to validate."""
+
+    model: str
+    stream: bool = False
+
+
+_routed = msgspec.json.Decoder(_Routed)
+
+
+class ClientGone(Exception):
+    pass
+
+
+class OpenAIRoute:
+    """Pure ASGI app for one proxied route (chat, completions or embeddings)."""
+
+    def __init__(self, endpoint: Endpoint, pool: Pool, bridge: Bridge,
+                 max_body: int, autoload: bool) -> None:
+        self._endpoint = endpoint
+        self._pool = pool
+        self._bridge = bridge
+        self._max_body = max_body
+        self._autoload = autoload
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            body = await read_body(scope, receive, self._max_body)
+            routed = parse_routed(body)
+            async with self._pool.lease(routed.model, self._autoload) as worker:
+                await relay(self._bridge, worker.identity, self._endpoint, body, receive, send)
+        except HTTPError as exc:
+            await send_error(send, exc.kind, exc.message, exc.param, exc.retry_after)
+        except PoolError as exc:
+            await send_error(send, exc.kind, exc.message, "model" if exc.kind is ErrorKind.NOT_FOUND else None,
+                             retry_after=5 if exc.kind.status == 503 else None)
+        except ClientGone:
+            pass
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            raise HTTPError(ErrorKind.TOO_LARGE, f"request body is larger than the limit of {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise HTTPError(ErrorKind.TOO_LARGE, f"request body is larger than the limit of {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def parse_routed(body: bytes) -> _Routed:
+    try:
+        routed = _routed.decode(body)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        if text.startswith("Expected `object`"):
+            raise HTTPError(ErrorKind.INVALID_REQUEST, "request body must be a JSON object") from exc
+        param = "model" if "`model`" in text or "$.model" in text else (
+            "stream" if "$.stream" in text else None)
+        raise HTTPError(ErrorKind.INVALID_REQUEST, f"invalid request: {text}", param) from exc
+    except msgspec.DecodeError as exc:
+        raise HTTPError(ErrorKind.INVALID_REQUEST, f"malformed JSON body: {exc}") from exc
+    if not routed.model:
+        raise HTTPError(ErrorKind.INVALID_REQUEST, "invalid request: `model` must not be empty", "model")
+    return routed
+
+
+async def relay(bridge: Bridge, identity: bytes, endpoint: Endpoint, body: bytes,
+                receive: Receive, send: Send) -> None:
+    req_id, queue = bridge.open_stream(identity)
+    watcher = asyncio.create_task(_watch_disconnect(receive, queue), name=f"disconnect-watch:{req_id}")
+    finished = False
+    try:
+        try:
+            bridge.send(identity, Request(req_id, endpoint), body)
+        except PeerUnreachable as exc:
+            raise HTTPError(ErrorKind.WORKER_FAILED, f"the model's worker is not reachable: {exc}") from exc
+        finished = await _pump(queue, send)
+    finally:
+        watcher.cancel()
+        bridge.close_stream(req_id)
+        if not finished:
+            try:
+                bridge.send(identity, Cancel(req_id))
+            except PeerUnreachable:
+                pass
+
+
+async def _pump(queue: asyncio.Queue[Item], send: Send) -> bool:
+    """Relay one response; True when the worker finished it, False if the client left."""
+    head: ResponseHead | None = None
+    buffered: list[bytes] = []
+    while True:
+        item = await queue.get()
+        if item is _CLIENT_GONE:
+            return False
+        msg, payload = item
+        if isinstance(msg, BodyChunk):
+            if head is not None and head.content_type == SSE:
+                await send({"type": "http.response.body", "body": payload, "more_body": True})
+            else:
+                buffered.append(payload or b"")
+        elif isinstance(msg, ResponseHead):
+            head = msg
+            if msg.content_type == SSE:
+                await send({"type": "http.response.start", "status": msg.status, "headers": _SSE_HEADERS})
+        elif isinstance(msg, ResponseEnd):
+            await _finish(send, head, buffered)
+            return True
+        elif isinstance(msg, ResponseError):
+            if head is None:
+                await send_error(send, msg.kind, msg.message, msg.param)
+            elif head.content_type == SSE:
+                await send({"type": "http.response.body", "body": sse_error_event(msg.kind, msg.message)})
+            else:
+                await send_error(send, msg.kind, msg.message)
+            return True
+
+
+async def _finish(send: Send, head: ResponseHead | None, buffered: list[bytes]) -> None:
+    if head is None:  # cancelled before it started: nothing to say
+        await send_error(send, ErrorKind.CANCELLED, "the request was cancelled")
+    elif head.content_type == SSE:
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    else:
+        body = b"".join(buffered)
+        await send({"type": "http.response.start", "status": head.status, "headers": [
+            (b"content-type", head.content_type.encode()),
+            (b"content-length", str(len(body)).encode()),
+        ]})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def _watch_disconnect(receive: Receive, queue: asyncio.Queue[Item]) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    queue.put_nowait(_CLIENT_GONE)

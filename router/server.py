@@ -1,0 +1,65 @@
+"""Process-level wiring: runtime dir, zmq context, catalog, pool, uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import uvicorn
+import zmq.asyncio
+
+from router.app import build_app
+from router.bridge import Bridge
+from router.catalog import build_catalog
+from router.config import Settings
+from router.pool import Pool
+
+log = logging.getLogger("modelherd")
+
+
+def runtime_base(env: dict[str, str] | None = None) -> Path:
+    """systemd's RuntimeDirectory, else $XDG_RUNTIME_DIR, else the temp dir."""
+    env = dict(os.environ) if env is None else env
+    for var in ("RUNTIME_DIRECTORY", "XDG_RUNTIME_DIR"):
+        value = env.get(var)
+        if value and Path(value.split(":")[0]).is_dir():
+            return Path(value.split(":")[0])
+    return Path(tempfile.gettempdir())
+
+
+def serve(settings: Settings) -> int:
+    return asyncio.run(_serve(settings))
+
+
+async def _serve(settings: Settings) -> int:
+    catalog = build_catalog(settings)
+    for directory in settings.models_dirs:
+        if settings.default_models_dir:
+            directory.mkdir(parents=True, exist_ok=True)
+        state = "" if directory.is_dir() else " (does not exist)"
+        log.info("models dir: %s%s", directory, state)
+    names = ", ".join(e.name for e in catalog) or "none"
+    log.info("%d model(s) available: %s", len(catalog), names)
+
+    # mkdtemp creates the directory with mode 0700: only our user reaches the sockets.
+    runtime = Path(tempfile.mkdtemp(prefix="modelherd-", dir=runtime_base()))
+    ctx = zmq.asyncio.Context()
+    try:
+        bridge = Bridge(ctx, f"ipc://{runtime}/router.sock")
+        server = settings.server
+        pool = Pool(catalog, bridge, server.log_level, server.load_timeout, server.stop_timeout)
+        app = build_app(settings, pool, bridge)
+        config = uvicorn.Config(
+            app, host=server.host, port=server.port, log_level=server.log_level,
+            lifespan="on", timeout_graceful_shutdown=int(server.stop_timeout) or None,
+            access_log=server.log_level == "debug", server_header=False,
+        )
+        await uvicorn.Server(config).serve()
+        return 0
+    finally:
+        ctx.destroy(linger=0)
+        shutil.rmtree(runtime, ignore_errors=True)

@@ -1,0 +1,250 @@
+"""One worker process: spawn, handshake, log capture, death detection, stop ladder.
+
+Death is noticed through the process sentinel (an fd that becomes readable when
+the process ends), never by a timeout. Stopping climbs a ladder: a Shutdown
+message, a grace period, SIGTERM to the worker's process group, SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import multiprocessing
+import os
+import signal
+import uuid
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+
+from protocol.codec import VersionMismatch, check_hello
+from protocol.messages import (
+    Configure,
+    Hello,
+    LoadFailed,
+    LoadProgress,
+    ModelInfo,
+    Ready,
+    Shutdown,
+    Upstream,
+    WorkerConfig,
+)
+from router.bridge import Bridge, PeerUnreachable
+
+log = logging.getLogger("modelherd.supervisor")
+
+LOG_TAIL_LINES = 40
+TERM_GRACE_S = 3.0
+
+
+class WorkerStartError(Exception):
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
+class WorkerProcess:
+    def __init__(self, config: WorkerConfig, bridge: Bridge, log_level: str,
+                 on_progress: Callable[[str, float], None],
+                 on_exit: Callable[[WorkerProcess], None]) -> None:
+        self.config = config
+        self.identity = f"{config.name}/{uuid.uuid4().hex[:8]}".encode()
+        self.info: ModelInfo | None = None
+        self.exit_code: int | None = None
+        self.log_tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+        self._bridge = bridge
+        self._log_level = log_level
+        self._on_progress = on_progress
+        self._on_exit = on_exit
+        self._proc: BaseProcess | None = None
+        self._lifeline: Connection | None = None
+        self._log_conn: Connection | None = None
+        self._log_buf = b""
+        self._hello: asyncio.Future[Hello] | None = None
+        self._ready: asyncio.Future[ModelInfo] | None = None
+        self._exited = asyncio.Event()
+        self._stopping = False
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and not self._exited.is_set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    async def start(self, timeout: float) -> ModelInfo:
+        """Spawn, handshake and load; raises WorkerStartError with the reason."""
+        loop = asyncio.get_running_loop()
+        self._hello = loop.create_future()
+        self._ready = loop.create_future()
+        ctx = multiprocessing.get_context("spawn")
+        life_r, life_w = ctx.Pipe(duplex=False)
+        log_r, log_w = ctx.Pipe(duplex=False)
+        from worker.main import run  # resolved by name in the child; no backend import here
+
+        self._proc = ctx.Process(
+            target=run,
+            args=(self._bridge.endpoint, self.identity.decode(), life_r, log_w, self._log_level),
+            name=f"modelherd-worker:{self.config.name}",
+            daemon=False,
+        )
+        self._bridge.add_peer(self.identity, self._on_message)
+        await asyncio.to_thread(self._proc.start)
+        # The child has its copies now; ours of its ends must close so EOF works both ways.
+        life_r.close()
+        log_w.close()
+        self._lifeline, self._log_conn = life_w, log_r
+        os.set_blocking(log_r.fileno(), False)
+        loop.add_reader(log_r.fileno(), self._pump_log)
+        loop.add_reader(self._proc.sentinel, self._reap)
+        try:
+            return await asyncio.wait_for(self._handshake(), timeout)
+        except TimeoutError:
+            await self.stop(grace=0)
+            raise WorkerStartError(f"worker did not become ready within {timeout:.0f} s") from None
+        except WorkerStartError:
+            await self.stop(grace=0)
+            raise
+
+    async def _handshake(self) -> ModelInfo:
+        assert self._hello is not None and self._ready is not None
+        exited = asyncio.ensure_future(self._exited.wait())
+        try:
+            for fut in (self._hello, self._ready):
+                done, _ = await asyncio.wait({fut, exited}, return_when=asyncio.FIRST_COMPLETED)
+                if fut not in done:
+                    raise WorkerStartError(self._death_message("while starting"), self.exit_code)
+                if fut is self._hello:
+                    try:
+                        check_hello(fut.result())  # type: ignore[arg-type]
+                    except VersionMismatch as exc:
+                        raise WorkerStartError(str(exc)) from exc
+                    self._bridge.send(self.identity, Configure(self.config))
+            self.info = self._ready.result()
+            return self.info
+        except PeerUnreachable as exc:
+            raise WorkerStartError(str(exc)) from exc
+        finally:
+            exited.cancel()
+
+    def _on_message(self, msg: Upstream) -> None:
+        if isinstance(msg, Hello) and self._hello and not self._hello.done():
+            self._hello.set_result(msg)
+        elif isinstance(msg, LoadProgress):
+            self._on_progress(msg.stage, msg.value)
+        elif isinstance(msg, Ready) and self._ready and not self._ready.done():
+            self._ready.set_result(msg.info)
+        elif isinstance(msg, LoadFailed) and self._ready and not self._ready.done():
+            self._ready.set_exception(WorkerStartError(msg.message))
+
+    # ---- output and death ----------------------------------------------------
+
+    def _pump_log(self) -> None:
+        assert self._log_conn is not None
+        try:
+            data = os.read(self._log_conn.fileno(), 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close_log()
+            return
+        *lines, self._log_buf = (self._log_buf + data).split(b"\n")
+        for raw in lines:
+            line = raw.decode("utf-8", errors="replace").rstrip()
+            if line:
+                self.log_tail.append(line)
+                log.info("[%s] %s", self.config.name, line)
+
+    def _close_log(self) -> None:
+        if self._log_conn is None:
+            return
+        asyncio.get_running_loop().remove_reader(self._log_conn.fileno())
+        if self._log_buf.strip():
+            self.log_tail.append(self._log_buf.decode("utf-8", errors="replace"))
+        self._log_conn.close()
+        self._log_conn = None
+
+    def _reap(self) -> None:
+        assert self._proc is not None
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self._proc.sentinel)
+        self._proc.join(0)
+        self.exit_code = self._proc.exitcode
+        # Drain what the worker wrote before dying: its last lines explain the death.
+        while self._log_conn is not None:
+            before = len(self.log_tail)
+            self._pump_log()
+            if self._log_conn is not None and len(self.log_tail) == before:
+                self._close_log()
+        if self._lifeline is not None:
+            self._lifeline.close()
+            self._lifeline = None
+        self._bridge.remove_peer(self.identity)
+        self._exited.set()
+        log.log(logging.INFO if self._stopping else logging.ERROR,
+                "worker %s (pid %s) exited: %s", self.config.name, self._proc.pid, self.describe_exit())
+        self._on_exit(self)
+
+    def describe_exit(self) -> str:
+        code = self.exit_code
+        if code is None:
+            return "still running"
+        if code < 0:
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exit code {code}"
+
+    def _death_message(self, when: str) -> str:
+        tail = " | ".join(list(self.log_tail)[-5:])
+        return f"worker for {self.config.name} died {when} ({self.describe_exit()})" + (
+            f"; last output: {tail}" if tail else "")
+
+    # ---- stopping -----------------------------------------------------------
+
+    async def stop(self, grace: float) -> None:
+        """Shutdown message, wait `grace`, SIGTERM the group, wait, SIGKILL."""
+        if self._proc is None or self._exited.is_set():
+            return
+        self._stopping = True
+        try:
+            self._bridge.send(self.identity, Shutdown("unload"))
+        except PeerUnreachable:
+            pass  # not connected yet (still starting): go straight to signals
+        else:
+            if await self._wait_exit(grace):
+                return
+        for sig, wait in ((signal.SIGTERM, TERM_GRACE_S), (signal.SIGKILL, TERM_GRACE_S)):
+            log.warning("worker %s: sending %s", self.config.name, sig.name)
+            self._signal_group(sig)
+            if await self._wait_exit(wait):
+                return
+        log.error("worker %s (pid %s) survived SIGKILL", self.config.name, self.pid)
+
+    async def _wait_exit(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._exited.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        pid = self.pid
+        if pid is None:
+            return
+        try:
+            os.killpg(pid, sig)  # the worker called setsid(): its pid is its group id
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            os.kill(pid, sig)

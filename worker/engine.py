@@ -1,0 +1,267 @@
+"""The generation thread: runs requests one at a time, off the socket thread.
+
+The socket thread calls `submit` and `cancel`; both only touch a queue and a
+per-request `threading.Event`, so they never wait on generation. The engine
+thread sends its output through its own inproc PUSH socket (`Sink`), which the
+socket thread forwards to the router: a zmq socket is only ever used by the
+thread that made it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import chain
+
+import zmq
+
+from protocol.codec import WorkerCodec
+from protocol.errors import ErrorKind, sse_error_event
+from protocol.messages import BodyChunk, Endpoint, ResponseEnd, ResponseError, ResponseHead, Upstream
+from worker import render
+from worker.backend import Backend, Finish, GenParams
+from worker.schema import ChatRequest, CompletionRequest, EmbeddingRequest, RequestInvalid, message_text, parse
+
+log = logging.getLogger("modelherd.worker.engine")
+
+SSE = "text/event-stream"
+JSON = "application/json"
+
+
+class Sink:
+    """Upstream sender owned by one thread, via an inproc PUSH socket."""
+
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], address: str) -> None:
+        self._sock = ctx.socket(zmq.PUSH)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(address)
+        self._codec = WorkerCodec()
+
+    def send(self, msg: Upstream, payload: bytes | None = None) -> None:
+        self._sock.send_multipart(self._codec.encode(msg, payload), copy=False)
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+
+
+@dataclass
+class Job:
+    req_id: int
+    endpoint: Endpoint
+    body: bytes
+    cancel: threading.Event
+
+
+class _Reply:
+    """Tracks whether the head went out, so a failure is reported the right way."""
+
+    def __init__(self, sink: Sink, req_id: int) -> None:
+        self.sink = sink
+        self.req_id = req_id
+        self.content_type: str | None = None
+
+    def head(self, status: int, content_type: str) -> None:
+        self.content_type = content_type
+        self.sink.send(ResponseHead(self.req_id, status, content_type))
+
+    def chunk(self, data: bytes) -> None:
+        self.sink.send(BodyChunk(self.req_id), data)
+
+    def end(self) -> None:
+        self.sink.send(ResponseEnd(self.req_id))
+
+    def fail(self, kind: ErrorKind, message: str, param: str | None = None) -> None:
+        if self.content_type is None:
+            self.sink.send(ResponseError(self.req_id, kind, message, param))
+            return
+        if self.content_type == SSE:
+            self.chunk(sse_error_event(kind, message))
+        self.end()
+
+
+class Engine:
+    def __init__(self, backend: Backend, model_name: str, n_vocab: int,
+                 sink_factory: Callable[[], Sink]) -> None:
+        self._backend = backend
+        self._model = model_name
+        self._n_vocab = n_vocab
+        self._sink_factory = sink_factory
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._cancels: dict[int, threading.Event] = {}
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self.active = 0
+
+    @property
+    def queued(self) -> int:
+        with self._lock:
+            return len(self._cancels) - self.active
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        """Cancel everything and wait for the thread (bounded: a token is quick)."""
+        with self._lock:
+            for ev in self._cancels.values():
+                ev.set()
+        self._jobs.put(None)
+        self._thread.join(timeout)
+
+    def submit(self, req_id: int, endpoint: Endpoint, body: bytes) -> None:
+        cancel = threading.Event()
+        with self._lock:
+            self._cancels[req_id] = cancel
+        self._jobs.put(Job(req_id, endpoint, body, cancel))
+
+    def cancel(self, req_id: int) -> None:
+        with self._lock:
+            ev = self._cancels.get(req_id)
+        if ev is not None:
+            ev.set()
+
+    # ---- engine thread -----------------------------------------------------
+
+    def _run(self) -> None:
+        sink = self._sink_factory()
+        try:
+            while (job := self._jobs.get()) is not None:
+                self.active = 1
+                try:
+                    self._serve(sink, job)
+                finally:
+                    self.active = 0
+                    with self._lock:
+                        self._cancels.pop(job.req_id, None)
+        finally:
+            sink.close()
+
+    def _serve(self, sink: Sink, job: Job) -> None:
+        reply = _Reply(sink, job.req_id)
+        if job.cancel.is_set():
+            reply.end()
+            return
+        try:
+            if job.endpoint is Endpoint.EMBEDDING:
+                self._embed(reply, job)
+            else:
+                self._generate(reply, job)
+        except RequestInvalid as exc:
+            reply.fail(exc.kind, exc.message, exc.param)
+        except Exception as exc:  # a backend bug must not take the worker down
+            log.exception("request %d failed", job.req_id)
+            reply.fail(ErrorKind.INTERNAL, f"generation failed: {type(exc).__name__}: {exc}")
+
+    def _generate(self, reply: _Reply, job: Job) -> None:
+        chat = job.endpoint is Endpoint.CHAT
+        if chat:
+            creq = parse(job.body, ChatRequest)
+            params = self._params(creq)
+            messages = [{"role": m.role, "content": message_text(m)} for m in creq.messages]
+            gen = self._backend.chat(messages, params, job.cancel)
+            req: ChatRequest | CompletionRequest = creq
+        else:
+            req = parse(job.body, CompletionRequest)
+            params = self._params(req)
+            prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
+            gen = self._backend.complete(prompt, params, job.cancel)
+        try:
+            first = next(gen)  # prompt errors (too long, bad grammar) surface here, before any head
+            items = chain([first], gen)
+            if req.stream:
+                usage = bool(req.stream_options and req.stream_options.include_usage)
+                self._stream(reply, job, render.StreamRenderer(self._model, chat, usage), items)
+            else:
+                self._collect(reply, job, chat, items)
+        finally:
+            gen.close()
+
+    def _stream(self, reply: _Reply, job: Job, renderer: render.StreamRenderer,
+                items: chain[str | Finish]) -> None:
+        reply.head(200, SSE)
+        lead = renderer.start()
+        for item in items:
+            if isinstance(item, Finish):
+                if job.cancel.is_set():
+                    self._log_cancel(job, item)
+                else:
+                    reply.chunk(lead + renderer.finish(item))
+                break
+            if not job.cancel.is_set():
+                reply.chunk(lead + renderer.piece(item))
+                lead = b""
+        reply.end()
+
+    def _collect(self, reply: _Reply, job: Job, chat: bool, items: chain[str | Finish]) -> None:
+        parts: list[str] = []
+        for item in items:
+            if not isinstance(item, Finish):
+                parts.append(item)
+                continue
+            if job.cancel.is_set():
+                self._log_cancel(job, item)
+                reply.end()
+                return
+            body = (render.chat_response if chat else render.completion_response)(
+                self._model, "".join(parts), item)
+            reply.head(200, JSON)
+            reply.chunk(body)
+            reply.end()
+            return
+        raise RuntimeError("backend generation ended without a Finish")
+
+    @staticmethod
+    def _log_cancel(job: Job, finish: Finish) -> None:
+        # The backend stops within one token of the cancel; tests read this line.
+        log.info("request %d cancelled after %d tokens", job.req_id, finish.completion_tokens)
+
+    def _embed(self, reply: _Reply, job: Job) -> None:
+        req = parse(job.body, EmbeddingRequest)
+        inputs = [req.input] if isinstance(req.input, str) else req.input
+        result = self._backend.embed(inputs)
+        body = render.embeddings_response(self._model, result, req.encoding_format)
+        reply.head(200, JSON)
+        reply.chunk(body)
+        reply.end()
+
+    def _params(self, req: ChatRequest | CompletionRequest) -> GenParams:
+        max_tokens = req.max_tokens
+        json_schema = None
+        json_object = False
+        if isinstance(req, ChatRequest):
+            max_tokens = req.max_completion_tokens or max_tokens
+            fmt = req.response_format
+            if fmt is not None and fmt.type != "text":
+                if req.grammar is not None:
+                    raise RequestInvalid("use either grammar or response_format, not both",
+                                         param="grammar")
+                json_schema = fmt.json_schema.schema if fmt.json_schema else fmt.schema
+                json_object = json_schema is None
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        bias: dict[int, float] = {}
+        for key, value in (req.logit_bias or {}).items():
+            if not key.isdigit() or int(key) >= self._n_vocab:
+                raise RequestInvalid(
+                    f"logit_bias key {key!r} is not a token id of this model (0..{self._n_vocab - 1})",
+                    param="logit_bias")
+            bias[int(key)] = value
+        defaults = GenParams()
+        return GenParams(
+            max_tokens=max_tokens,
+            temperature=defaults.temperature if req.temperature is None else req.temperature,
+            top_p=defaults.top_p if req.top_p is None else req.top_p,
+            top_k=defaults.top_k if req.top_k is None else req.top_k,
+            min_p=defaults.min_p if req.min_p is None else req.min_p,
+            seed=req.seed,
+            stop=stop,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repeat_penalty=req.repeat_penalty or defaults.repeat_penalty,
+            logit_bias=bias,
+            grammar=req.grammar,
+            json_schema=json_schema,
+            json_object=json_object,
+        )

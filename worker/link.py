@@ -1,0 +1,163 @@
+"""The worker's socket thread: handshake, load, then relay between router and engine.
+
+Only this thread touches the DEALER socket. The engine thread's output arrives
+on an inproc PULL socket and is forwarded frame-for-frame, without decoding.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import zmq
+
+from protocol.codec import ProtocolError, WorkerCodec
+from protocol.errors import ErrorKind
+from protocol.messages import (
+    PROTOCOL_VERSION,
+    Cancel,
+    Configure,
+    Heartbeat,
+    Hello,
+    LoadFailed,
+    LoadProgress,
+    Ready,
+    Request,
+    Shutdown,
+    WorkerConfig,
+    WorkerStatus,
+)
+from worker.backend import make_backend
+from worker.engine import Engine, Sink
+
+log = logging.getLogger("modelherd.worker")
+
+OUTBOX = "inproc://outbox"
+CONFIGURE_TIMEOUT_S = 30.0
+PROGRESS_INTERVAL_S = 0.05
+STOP_TIMEOUT_S = 5.0
+
+EXIT_OK = 0
+EXIT_NO_CONFIG = 2
+EXIT_LOAD_FAILED = 3
+
+
+class Link:
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, worker_id: str) -> None:
+        self._ctx = ctx
+        self._codec = WorkerCodec()
+        self._worker_id = worker_id
+        self._dealer = ctx.socket(zmq.DEALER)
+        self._dealer.setsockopt(zmq.ROUTING_ID, worker_id.encode())
+        self._dealer.setsockopt(zmq.LINGER, 1000)
+        self._dealer.connect(endpoint)
+        self._outbox = ctx.socket(zmq.PULL)
+        self._outbox.bind(OUTBOX)
+        self._shutdown_requested = False
+
+    def serve(self) -> int:
+        try:
+            return self._serve()
+        finally:
+            self._outbox.close(linger=0)
+            self._dealer.close()
+
+    def _serve(self) -> int:
+        self._send(Hello(PROTOCOL_VERSION, os.getpid(), self._worker_id))
+        config = self._await_configure()
+        if config is None:
+            return EXIT_NO_CONFIG
+        backend = make_backend(config.backend)
+        try:
+            info = backend.load(config, self._progress_reporter())
+        except Exception as exc:
+            if self._shutdown_requested:
+                return EXIT_OK
+            log.error("loading %s failed: %s", config.path, exc)
+            self._send(LoadFailed(ErrorKind.LOAD_FAILED, f"{type(exc).__name__}: {exc}"))
+            return EXIT_LOAD_FAILED
+        if self._shutdown_requested:
+            return EXIT_OK
+        self._send(Ready(info))
+        log.info("loaded %s (%s, n_ctx=%d)", config.name, info.device, info.n_ctx)
+        engine = Engine(backend, config.name, info.n_vocab, lambda: Sink(self._ctx, OUTBOX))
+        engine.start()
+        try:
+            self._relay(engine)
+        finally:
+            engine.stop(STOP_TIMEOUT_S)
+            self._forward_pending()
+            backend.close()
+        return EXIT_OK
+
+    def _await_configure(self) -> WorkerConfig | None:
+        deadline = time.monotonic() + CONFIGURE_TIMEOUT_S
+        while (left := deadline - time.monotonic()) > 0:
+            if not self._dealer.poll(int(left * 1000)):
+                break
+            msg = self._recv()
+            if isinstance(msg, Configure):
+                return msg.model
+            if isinstance(msg, Shutdown):
+                return None
+        log.error("no Configure from the router within %.0f s", CONFIGURE_TIMEOUT_S)
+        return None
+
+    def _progress_reporter(self):  # type: ignore[no-untyped-def]
+        last = [0.0]
+
+        def report(stage: str, value: float) -> bool:
+            now = time.monotonic()
+            if value in (0.0, 1.0) or now - last[0] >= PROGRESS_INTERVAL_S:
+                last[0] = now
+                self._send(LoadProgress(stage, value))
+            # A Shutdown during the load aborts it (returning False stops llama.cpp).
+            while self._dealer.poll(0):
+                if isinstance(self._recv(), Shutdown):
+                    self._shutdown_requested = True
+            return not self._shutdown_requested
+
+        return report
+
+    def _relay(self, engine: Engine) -> None:
+        poller = zmq.Poller()
+        poller.register(self._dealer, zmq.POLLIN)
+        poller.register(self._outbox, zmq.POLLIN)
+        while True:
+            events = dict(poller.poll())
+            if self._outbox in events:
+                self._forward_pending()
+            if self._dealer in events:
+                while self._dealer.poll(0):
+                    frames = self._dealer.recv_multipart(copy=True)
+                    try:
+                        msg, payload = self._codec.decode(frames)
+                    except ProtocolError as exc:
+                        log.error("dropping bad frame from router: %s", exc)
+                        continue
+                    if isinstance(msg, Request):
+                        engine.submit(msg.req_id, msg.endpoint, payload or b"")
+                    elif isinstance(msg, Cancel):
+                        engine.cancel(msg.req_id)
+                    elif isinstance(msg, Heartbeat):
+                        self._send(Heartbeat(msg.seq))
+                        self._send(WorkerStatus(engine.active, engine.queued))
+                    elif isinstance(msg, Shutdown):
+                        log.info("shutdown requested: %s", msg.reason or "no reason given")
+                        return
+
+    def _forward_pending(self) -> None:
+        while self._outbox.poll(0):
+            self._dealer.send_multipart(self._outbox.recv_multipart(copy=False), copy=False)
+
+    def _recv(self) -> object:
+        try:
+            msg, _ = self._codec.decode(self._dealer.recv_multipart())
+        except ProtocolError as exc:
+            log.error("dropping bad frame from router: %s", exc)
+            return None
+        return msg
+
+    def _send(self, msg: Hello | LoadProgress | Ready | LoadFailed | Heartbeat | WorkerStatus) -> None:
+        self._dealer.send_multipart(self._codec.encode(msg))

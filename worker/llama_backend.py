@@ -1,0 +1,276 @@
+"""llama-cpp-python backend: GGUF models through llama.cpp.
+
+One `Llama` serves chat and completions. Embeddings need a context created with
+`embedding=True`, so a second one is opened on first use; llama.cpp mmaps the
+weights, so the two share the model's pages rather than loading it twice.
+
+Generation does not use llama-cpp-python's streaming path: it re-detokenizes the
+whole completion for every token (quadratic: 200 tokens cost ~14,000 detokenize
+calls). We let its chat handler build the prompt, then run `Llama.generate`
+with incremental UTF-8 decoding, our own stop strings and exact token counts.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import json
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import llama_cpp
+import llama_cpp.llama
+import llama_cpp.llama_chat_format as llama_chat_format
+from llama_cpp import Llama, LlamaGrammar, LogitsProcessorList
+from llama_cpp.llama_grammar import JSON_GBNF
+
+from protocol.errors import ErrorKind
+from protocol.messages import ModelInfo, WorkerConfig
+from worker.backend import Embeddings, Finish, GenParams, ProgressFn
+from worker.schema import RequestInvalid
+from worker.stops import split_at_stop
+
+AUTO_N_CTX_CAP = 4096
+_OPTION_KEYS = {
+    "n_batch", "n_ubatch", "flash_attn", "use_mmap", "use_mlock", "rope_freq_base",
+    "rope_freq_scale", "type_k", "type_v", "offload_kqv", "last_n_tokens_size", "seed",
+}
+
+
+class LlamaBackend:
+    def __init__(self) -> None:
+        self._llm: Llama | None = None
+        self._embedder: Llama | None = None
+        self._kwargs: dict[str, Any] = {}
+
+    # ---- loading -----------------------------------------------------------
+
+    def load(self, config: WorkerConfig, progress: ProgressFn) -> ModelInfo:
+        unknown = set(config.options) - _OPTION_KEYS
+        if unknown:
+            raise ValueError(f"unknown llama_cpp options: {', '.join(sorted(unknown))} "
+                             f"(known: {', '.join(sorted(_OPTION_KEYS))})")
+        self._kwargs = {
+            "model_path": config.path,
+            "n_ctx": config.n_ctx or _auto_n_ctx(config.path),
+            "n_gpu_layers": config.n_gpu_layers,
+            "n_threads": config.n_threads or None,
+            "chat_format": config.chat_format,
+            "verbose": False,
+            **config.options,
+        }
+        progress("load", 0.0)
+        llm = self._llm = _load_with_progress(self._kwargs, lambda v: progress("load", v))
+        progress("load", 1.0)
+        gpu = llama_cpp.llama_supports_gpu_offload() and config.n_gpu_layers != 0
+        return ModelInfo(
+            backend="llama_cpp",
+            device=("metal" if sys.platform == "darwin" else "cuda") if gpu else "cpu",
+            n_ctx=llm.n_ctx(),
+            n_ctx_train=llm._model.n_ctx_train(),
+            n_vocab=llm.n_vocab(),
+            n_params=llm._model.n_params(),
+            file_size=os.path.getsize(config.path),
+            chat_template="tokenizer.chat_template" in llm.metadata,
+        )
+
+    def close(self) -> None:
+        for llm in (self._embedder, self._llm):
+            if llm is not None:
+                llm.close()
+        self._llm = self._embedder = None
+
+    # ---- generation --------------------------------------------------------
+
+    def chat(self, messages: list[dict[str, str]], params: GenParams,
+             cancel: threading.Event) -> Iterator[str | Finish]:
+        llm = self._require()
+        capture = _PromptCapture(llm)
+        handler = (llm.chat_handler or llm._chat_handlers.get(llm.chat_format or "")
+                   or llama_chat_format.get_chat_completion_handler(llm.chat_format or ""))
+        handler(llama=capture, messages=messages, stream=True)  # type: ignore[arg-type]
+        if capture.prompt is None:
+            raise RuntimeError(f"chat format {llm.chat_format!r} did not produce a prompt")
+        return self._generate(capture.prompt, params, params.stop + capture.stop, cancel, "messages")
+
+    def complete(self, prompt: str, params: GenParams,
+                 cancel: threading.Event) -> Iterator[str | Finish]:
+        llm = self._require()
+        tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
+        return self._generate(tokens, params, params.stop, cancel, "prompt")
+
+    def _generate(self, prompt: list[int], params: GenParams, stops: list[str],
+                  cancel: threading.Event, field: str) -> Iterator[str | Finish]:
+        n_ctx = self._require().n_ctx()
+        if len(prompt) >= n_ctx:
+            raise RequestInvalid(
+                f"the prompt is {len(prompt)} tokens, more than fits the model's context of {n_ctx}",
+                kind=ErrorKind.CONTEXT_LENGTH_EXCEEDED, param=field)
+        grammar = _grammar(params, self._require())  # a bad grammar fails here, before any token
+        return self._run(prompt, params, stops, cancel, grammar, n_ctx)
+
+    def _run(self, prompt: list[int], params: GenParams, stops: list[str], cancel: threading.Event,
+             grammar: LlamaGrammar | None, n_ctx: int) -> Iterator[str | Finish]:
+        llm = self._require()
+        budget = n_ctx - len(prompt)
+        limit = min(params.max_tokens, budget) if params.max_tokens else budget
+        if params.seed is not None:
+            llm.set_seed(params.seed)
+        processors = LogitsProcessorList([_bias(params.logit_bias)]) if params.logit_bias else None
+        vocab = llm._model.vocab
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        buf = ctypes.create_string_buffer(256)
+        pending = ""
+        count = 0
+        reason = "length"
+        tokens = llm.generate(
+            prompt, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
+            temp=params.temperature, repeat_penalty=params.repeat_penalty,
+            frequency_penalty=params.frequency_penalty, presence_penalty=params.presence_penalty,
+            logits_processor=processors, grammar=grammar,
+        )
+        try:
+            for token in tokens:
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    reason = "stop"
+                    break
+                count += 1
+                piece = decoder.decode(_piece(vocab, token, buf))
+                text, pending, hit = split_at_stop(pending + piece, stops)
+                if text:
+                    yield text
+                if hit:
+                    reason, pending = "stop", ""
+                    break
+                # Checked after every token: a cancel stops generation before the next one.
+                if count >= limit or cancel.is_set():
+                    break
+        finally:
+            tokens.close()
+        tail = pending + decoder.decode(b"", final=True)
+        if tail and not cancel.is_set():
+            yield tail
+        yield Finish(reason, len(prompt), count)
+
+    def embed(self, inputs: list[str]) -> Embeddings:
+        if self._embedder is None:
+            self._embedder = Llama(**dict(self._kwargs, embedding=True,
+                                          pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN))
+        n_ctx = self._embedder.n_ctx()
+        for i, text in enumerate(inputs):
+            n = len(self._embedder.tokenize(text.encode("utf-8")))
+            if n > n_ctx:
+                raise RequestInvalid(
+                    f"input[{i}] has {n} tokens, more than the model's context of {n_ctx}",
+                    kind=ErrorKind.CONTEXT_LENGTH_EXCEEDED, param="input")
+        result = self._embedder.create_embedding(inputs)
+        vectors = [[float(x) for x in d["embedding"]] for d in result["data"]]  # type: ignore[union-attr]
+        return Embeddings(vectors, int(result["usage"]["prompt_tokens"]))
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._require().tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+    def _require(self) -> Llama:
+        if self._llm is None:
+            raise RuntimeError("model is not loaded")
+        return self._llm
+
+
+class _PromptCapture:
+    """Stands in for `Llama` when calling a chat handler, to learn the prompt it builds.
+
+    Handlers render the chat template (the GGUF's own, or a named chat_format),
+    tokenize, merge the template's stop strings and then call `create_completion`;
+    we record that call instead of running it.
+    """
+
+    def __init__(self, llm: Llama) -> None:
+        self._llm = llm
+        self.verbose = False
+        self.prompt: list[int] | None = None
+        self.stop: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._llm, name)
+
+    def create_completion(self, prompt: list[int], stop: Any = None, **_: Any) -> Iterator[Any]:
+        self.prompt = list(prompt)
+        self.stop = [stop] if isinstance(stop, str) else list(stop or [])
+        return iter(())
+
+
+def _bias(bias: dict[int, float]) -> Any:
+    def apply(_input_ids: Any, scores: Any) -> Any:
+        for token, value in bias.items():
+            scores[token] += value
+        return scores
+    return apply
+
+
+def _auto_n_ctx(path: str) -> int:
+    """n_ctx = 0 means: the training context, capped so a 128k model doesn't reserve 128k of KV."""
+    probe = Llama(model_path=path, vocab_only=True, verbose=False)
+    try:
+        return min(AUTO_N_CTX_CAP, probe._model.n_ctx_train() or AUTO_N_CTX_CAP)
+    finally:
+        probe.close()
+
+
+def _piece(vocab: Any, token: int, buf: Any) -> bytes:
+    # llama-cpp-python's token_to_piece returns the whole buffer, NULs included.
+    n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
+    return bytes(buf[:n]) if n > 0 else b""
+
+
+def _grammar(params: GenParams, llm: Llama) -> LlamaGrammar | None:
+    field = "grammar" if params.grammar is not None else "response_format"
+    try:
+        if params.grammar is not None:
+            grammar = LlamaGrammar.from_string(params.grammar, verbose=False)
+        elif params.json_schema is not None:
+            grammar = LlamaGrammar.from_json_schema(json.dumps(params.json_schema), verbose=False)
+        elif params.json_object:
+            grammar = LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+        else:
+            return None
+    except Exception as exc:
+        raise RequestInvalid(f"invalid {field}: {exc}", param=field) from exc
+    # llama-cpp-python defers parsing to sampler construction, where a bad grammar
+    # becomes a NULL sampler and a crash. Parse it here with llama.cpp's own parser.
+    probe = llama_cpp.llama_sampler_init_grammar(
+        llm._model.vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8"))
+    if not probe:
+        raise RequestInvalid(f"invalid {field}: llama.cpp could not parse the grammar "
+                             "(see the GBNF guide for the syntax)", param=field)
+    llama_cpp.llama_sampler_free(probe)
+    return grammar
+
+
+def _load_with_progress(kwargs: dict[str, Any], report: Any) -> Llama:
+    """Construct `Llama` with llama.cpp's load progress callback wired to `report`.
+
+    `Llama.__init__` offers no progress parameter, but it builds its model params
+    from `llama_model_default_params()`; we wrap that one call for the duration of
+    this (single-threaded) construction so the params carry our callback.
+    """
+
+    @llama_cpp.llama_progress_callback  # type: ignore[untyped-decorator]
+    def on_progress(value: float, _user: ctypes.c_void_p) -> bool:
+        return report(float(value)) is not False
+
+    module = llama_cpp.llama.llama_cpp
+    original = module.llama_model_default_params
+
+    def with_callback() -> Any:
+        p = original()
+        p.progress_callback = on_progress
+        return p
+
+    module.llama_model_default_params = with_callback
+    try:
+        return Llama(**kwargs)
+    finally:
+        module.llama_model_default_params = original
