@@ -90,19 +90,30 @@ def load_file(path: Path) -> FileConfig:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    # Models are checked one by one: msgspec's error path cannot name a dict key.
+    models_raw = raw.pop("models", {})
+    if not isinstance(models_raw, dict):
+        raise ConfigError(f"config file {path}: key models: expected a table of [models.\"name\"]")
     try:
-        return msgspec.convert(raw, FileConfig)
+        config = msgspec.convert(raw, FileConfig)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"config file {path}: {_readable(str(exc))}") from exc
+    models = {}
+    for name, section in models_raw.items():
+        try:
+            models[name] = msgspec.convert(section, ModelSection)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"config file {path}: {_readable(str(exc), f'models.{name}')}") from exc
+    return msgspec.structs.replace(config, models=models)
 
 
-def _readable(message: str) -> str:
+def _readable(message: str, prefix: str = "") -> str:
     # msgspec says "... - at `$.server.port`"; users think in TOML keys.
-    text, sep, where = message.rpartition(" - at `$.")
+    text, sep, where = message.rpartition(" - at `$")
     if not sep:
-        return message
-    key = where.rstrip("`").replace('["', ".").replace('"]', "")
-    return f"key {key}: {text}"
+        return f"key {prefix}: {message}" if prefix else message
+    key = prefix + where.rstrip("`")
+    return f"key {key.lstrip('.')}: {text}"
 
 
 def build_settings(config_path: Path | None, overrides: dict[str, Any]) -> Settings:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
+import signal
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import uvicorn
@@ -29,6 +32,24 @@ def runtime_base(env: dict[str, str] | None = None) -> Path:
         if value and Path(value.split(":")[0]).is_dir():
             return Path(value.split(":")[0])
     return Path(tempfile.gettempdir())
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises a caught SIGTERM after shutdown, so the process would die by
+    signal; a daemon that drained cleanly should exit 0. Our handlers only set
+    uvicorn's flags: the first asks for a graceful stop, a second forces it."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        sigs = (signal.SIGINT, signal.SIGTERM)
+        for sig in sigs:
+            loop.add_signal_handler(sig, self.handle_exit, sig, None)
+        try:
+            yield
+        finally:
+            for sig in sigs:
+                loop.remove_signal_handler(sig)
 
 
 def serve(settings: Settings) -> int:
@@ -58,7 +79,7 @@ async def _serve(settings: Settings) -> int:
             lifespan="on", timeout_graceful_shutdown=int(server.stop_timeout) or None,
             access_log=server.log_level == "debug", server_header=False,
         )
-        await uvicorn.Server(config).serve()
+        await _Server(config).serve()
         return 0
     finally:
         ctx.destroy(linger=0)

@@ -65,6 +65,7 @@ class WorkerProcess:
         self._hello: asyncio.Future[Hello] | None = None
         self._ready: asyncio.Future[ModelInfo] | None = None
         self._exited = asyncio.Event()
+        self._reaper: asyncio.Task[None] | None = None
         self._stopping = False
 
     @property
@@ -175,9 +176,14 @@ class WorkerProcess:
 
     def _reap(self) -> None:
         assert self._proc is not None
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(self._proc.sentinel)
-        self._proc.join(0)
+        asyncio.get_running_loop().remove_reader(self._proc.sentinel)
+        # The sentinel fires when the child closes it, a moment before the kernel
+        # makes the exit status reapable: wait for that off the event loop.
+        self._reaper = asyncio.create_task(self._finish_reap(), name=f"reap:{self.config.name}")
+
+    async def _finish_reap(self) -> None:
+        assert self._proc is not None
+        await asyncio.to_thread(self._proc.join)
         self.exit_code = self._proc.exitcode
         # Drain what the worker wrote before dying: its last lines explain the death.
         while self._log_conn is not None:

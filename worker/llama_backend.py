@@ -25,6 +25,7 @@ import llama_cpp
 import llama_cpp.llama
 import llama_cpp.llama_chat_format as llama_chat_format
 from llama_cpp import Llama, LlamaGrammar, LogitsProcessorList
+from llama_cpp._internals import LlamaModel
 from llama_cpp.llama_grammar import JSON_GBNF
 
 from protocol.errors import ErrorKind
@@ -212,11 +213,15 @@ def _bias(bias: dict[int, float]) -> Any:
 
 def _auto_n_ctx(path: str) -> int:
     """n_ctx = 0 means: the training context, capped so a 128k model doesn't reserve 128k of KV."""
-    probe = Llama(model_path=path, vocab_only=True, verbose=False)
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True  # metadata only: no weights, no context
+    probe = LlamaModel(path_model=path, params=params, verbose=False)
     try:
-        return min(AUTO_N_CTX_CAP, probe._model.n_ctx_train() or AUTO_N_CTX_CAP)
+        meta = probe.metadata()
+        trained = int(meta.get(f"{meta.get('general.architecture', '')}.context_length", 0) or 0)
     finally:
         probe.close()
+    return min(AUTO_N_CTX_CAP, trained) if trained > 0 else AUTO_N_CTX_CAP
 
 
 def _piece(vocab: Any, token: int, buf: Any) -> bytes:

@@ -1,0 +1,127 @@
+"""Settings, config validation and models-dir discovery (no processes)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from router.catalog import Catalog, build_catalog, discover
+from router.config import ConfigError, build_settings, default_models_dir
+from tests.daemon import REPO, Daemon
+
+
+def test_builtin_defaults() -> None:
+    s = build_settings(None, {})
+    assert (s.server.host, s.server.port) == ("127.0.0.1", 8080)
+    assert s.server.autoload is True
+    assert s.server.max_body_bytes == 16 * 1024 * 1024
+    assert s.models_dirs == [default_models_dir()] and s.default_models_dir
+
+
+def test_default_models_dir_follows_systemd_then_xdg() -> None:
+    assert default_models_dir({"STATE_DIRECTORY": "/var/lib/modelherd"}) == Path("/var/lib/modelherd/models")
+    assert default_models_dir({"XDG_DATA_HOME": "/d"}) == Path("/d/modelherd/models")
+    assert default_models_dir({}) == Path.home() / ".local/share/modelherd/models"
+
+
+def test_flags_override_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[server]\nport = 9000\nhost = "0.0.0.0"\napi_keys = ["a"]\nmodels_dirs = ["m"]\n')
+    s = build_settings(cfg, {"port": 9100, "host": None, "api_keys": ["b"], "models_dirs": None})
+    assert (s.server.host, s.server.port, s.server.api_keys) == ("0.0.0.0", 9100, ["b"])
+    assert s.models_dirs == [tmp_path / "m"]  # relative to the config file
+
+
+@pytest.mark.parametrize(("text", "needles"), [
+    ("[server]\nport = 'abc'\n", ["server.port", "int"]),
+    ("[server]\nport = 70000\n", ["server.port", "65535"]),
+    ("[server]\nprot = 1\n", ["prot", "unknown"]),
+    ("[models.m]\nn_ctx = 5\n", ["models.m", "source"]),
+    ("[models.m]\nsource = 'x.gguf'\nbackend = 'vllm'\n", ["models.m.backend"]),
+    ("[models.m]\nsource = 'hf://a/b/c.gguf'\n", ["models.m.source", "remote"]),
+    ("[defaults]\nn_threads = -1\n", ["defaults.n_threads"]),
+    ("[server\n", ["not valid TOML"]),
+])
+def test_invalid_config_names_the_key(tmp_path: Path, text: str, needles: list[str]) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        build_settings(cfg, {})
+    for needle in needles:
+        assert needle in str(info.value), str(info.value)
+
+
+def test_invalid_config_exits_nonzero_with_message(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[server]\nport = 'abc'\n")
+    out = subprocess.run([sys.executable, "-m", "router", "serve", "--config", str(cfg)],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "server.port" in out.stderr
+    missing = subprocess.run([sys.executable, "-m", "router", "serve", "--config", str(tmp_path / "no.toml")],
+                             cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "cannot read config file" in missing.stderr
+
+
+def test_alias_clash_is_a_config_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[models.a]\nsource = "a.gguf"\naliases = ["x"]\n[models.b]\nsource = "b.gguf"\n'
+                   'aliases = ["x"]\n')
+    with pytest.raises(ConfigError, match="already names model"):
+        build_catalog(build_settings(cfg, {"models_dirs": [str(tmp_path / "none")]}))
+
+
+def _touch(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"GGUF")
+
+
+def test_discovery_like_llama_server(tmp_path: Path) -> None:
+    _touch(tmp_path / "plain.gguf")
+    _touch(tmp_path / "mmproj-plain.gguf")  # a top-level projector is not a model
+    _touch(tmp_path / "split-00001-of-00002.gguf")
+    _touch(tmp_path / "split-00002-of-00002.gguf")
+    _touch(tmp_path / "notes.txt")
+    _touch(tmp_path / "vision" / "model-q4.gguf")
+    _touch(tmp_path / "vision" / "mmproj-f16.gguf")
+    _touch(tmp_path / "big" / "big-00002-of-00003.gguf")
+    _touch(tmp_path / "big" / "big-00001-of-00003.gguf")
+    _touch(tmp_path / "big" / "big-00003-of-00003.gguf")
+    (tmp_path / "empty").mkdir()
+    found = {name: (path.name, mmproj.name if mmproj else None) for name, path, mmproj in discover(tmp_path)}
+    assert found == {
+        "plain": ("plain.gguf", None),
+        "split-00001-of-00002": ("split-00001-of-00002.gguf", None),
+        "vision": ("model-q4.gguf", "mmproj-f16.gguf"),
+        "big": ("big-00001-of-00003.gguf", None),
+    }
+    assert discover(tmp_path / "missing") == []
+
+
+def test_catalog_config_overrides_discovered_and_resolves_aliases(tmp_path: Path) -> None:
+    _touch(tmp_path / "models" / "m.gguf")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[defaults]\nn_ctx = 1024\n[models.m]\nsource = "other.gguf"\naliases = ["em"]\n'
+                   'n_ctx = 64\noptions = { n_batch = 32 }\n')
+    catalog: Catalog = build_catalog(build_settings(cfg, {"models_dirs": [str(tmp_path / "models")]}))
+    entry = catalog.resolve("em")
+    assert entry is not None and entry is catalog.resolve("m")
+    assert entry.path == tmp_path / "other.gguf" and entry.origin == "config"
+    assert entry.worker.n_ctx == 64 and entry.worker.options == {"n_batch": 32}
+    assert catalog.resolve("nope") is None
+
+
+def test_no_config_serves_default_models_dir(tmp_path: Path, models_dir: Path) -> None:
+    data = tmp_path / "data"
+    default_dir = data / "modelherd" / "models"
+    default_dir.mkdir(parents=True)
+    (default_dir / "found.gguf").write_bytes((models_dir / "tiny-a.gguf").read_bytes())
+    with Daemon(env={"XDG_DATA_HOME": str(data), "XDG_RUNTIME_DIR": str(tmp_path)}) as d:
+        d.wait_for_log(rf"models dir: {default_dir}")
+        assert list(d.models()) == ["found"]
+        with d.client() as c:
+            r = c.post("/v1/completions", json={"model": "found", "prompt": "a", "max_tokens": 2})
+        assert r.status_code == 200, r.text

@@ -1,0 +1,45 @@
+"""DESIGN.md's layering rules, checked on the source and on what importing pulls in."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.daemon import REPO
+
+ALLOWED = {
+    "protocol": {"protocol", "msgspec"},
+    "worker": {"protocol", "worker", "zmq", "msgspec", "llama_cpp", "mlx", "mlx_lm", "numpy"},
+    "router": {"protocol", "router", "worker", "zmq", "msgspec", "starlette", "uvicorn", "psutil"},
+}
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_packages_import_only_what_their_layer_allows() -> None:
+    stdlib = set(sys.stdlib_module_names)
+    for package, allowed in ALLOWED.items():
+        for path in sorted((REPO / package).glob("*.py")):
+            extra = _imports(path) - stdlib - allowed
+            assert not extra, f"{path.relative_to(REPO)} imports {sorted(extra)}"
+
+
+def test_router_process_never_loads_a_backend_and_worker_never_loads_http() -> None:
+    code = ("import sys, router.app, router.server, router.supervisor; "
+            "print(sorted(m for m in ('llama_cpp', 'mlx', 'mlx_lm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    code = ("import sys, worker.main, worker.link; "
+            "print(sorted(m for m in ('starlette', 'uvicorn', 'llama_cpp') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"  # the backend is imported only once a model is configured

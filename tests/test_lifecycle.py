@@ -1,0 +1,184 @@
+"""Processes and connections: disconnects, worker deaths, single-flight loads, shutdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import psutil
+
+from tests.conftest import NO_EOS
+from tests.daemon import Daemon
+
+LONG = "org/tiny-long"  # n_ctx 8192: room for a generation that outlives the test's actions
+
+
+def _long_stream_request(port: int, max_tokens: int = 8000) -> bytes:
+    body = json.dumps({"model": LONG, "messages": [{"role": "user", "content": "go"}],
+                       "max_tokens": max_tokens, "stream": True, "logit_bias": NO_EOS}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    return head + body
+
+
+def _wait_until(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    """Re-check a condition that only an HTTP round trip can observe, until a deadline."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_client_disconnect_cancels_generation(daemon: Daemon) -> None:
+    daemon.load(LONG)
+    mark = daemon.mark()
+    sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=30)
+    sock.sendall(_long_stream_request(daemon.port))
+    received = b""
+    while received.count(b"data: ") < 3:
+        received += sock.recv(65536)
+    # Abortive close (RST), like a phone dropping off Wi-Fi.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+    m = daemon.wait_for_log(r"request \d+ cancelled after (\d+) tokens", timeout=30, start=mark)
+    assert int(m.group(1)) < 8000
+    # The worker is free at once: a new request on the same model is served.
+    with daemon.client() as c:
+        r = c.post("/v1/chat/completions", json={"model": LONG, "max_tokens": 3,
+                                                 "messages": [{"role": "user", "content": "again"}]})
+    assert r.status_code == 200, r.text
+
+
+def test_worker_killed_mid_stream_ends_stream_with_error(daemon: Daemon) -> None:
+    pid = daemon.load(LONG)["pid"]
+    assert isinstance(pid, int)
+    body = {"model": LONG, "messages": [{"role": "user", "content": "go"}], "max_tokens": 8000,
+            "stream": True, "logit_bias": NO_EOS}
+    lines: list[str] = []
+    with daemon.client() as c, c.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            lines.append(line)
+            if len(lines) == 3:
+                os.kill(pid, signal.SIGKILL)
+    data = [ln[6:] for ln in lines if ln.startswith("data: ")]
+    assert "[DONE]" not in data
+    error = json.loads(data[-1])["error"]
+    assert error["code"] == "worker_failed"
+    assert "SIGKILL" in error["message"]
+    entry = daemon.models()[LONG]
+    assert entry["status"]["value"] == "failed"  # type: ignore[index]
+    assert entry["status"]["exit_code"] == -signal.SIGKILL  # type: ignore[index]
+    assert "SIGKILL" in entry["status"]["message"]  # type: ignore[index]
+    # The router keeps serving, and the next request starts a fresh worker.
+    with daemon.client() as c:
+        r2 = c.post("/v1/completions", json={"model": LONG, "prompt": "x", "max_tokens": 2})
+    assert r2.status_code == 200, r2.text
+    assert daemon.models()[LONG]["pid"] not in (None, pid)
+
+
+def test_worker_killed_during_non_stream_request_is_502(daemon: Daemon) -> None:
+    pid = daemon.load(LONG)["pid"]
+    assert isinstance(pid, int)
+    result: dict[str, httpx.Response] = {}
+
+    def call() -> None:
+        with daemon.client() as c:
+            result["r"] = c.post("/v1/chat/completions", json={
+                "model": LONG, "messages": [{"role": "user", "content": "go"}], "max_tokens": 8000,
+                "logit_bias": NO_EOS})
+
+    t = threading.Thread(target=call)
+    t.start()
+    _wait_until(lambda: daemon.models()[LONG]["in_flight"] == 1, 30, "the request to be in flight")
+    os.kill(pid, signal.SIGKILL)
+    t.join(30)
+    r = result["r"]
+    assert r.status_code == 502, r.text
+    assert r.json()["error"]["code"] == "worker_failed"
+
+
+def test_api_keys(models_dir: Path, isolated_env: dict[str, str]) -> None:
+    with Daemon("--models-dir", str(models_dir), "--api-key", "k-one", "--api-key", "k-two",
+                env=isolated_env) as d, d.client() as c:
+        assert c.get("/health").status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"x-api-key": "k-on"},
+                        {"Authorization": "Basic k-one"}):
+            r = c.get("/v1/models", headers=headers)
+            assert r.status_code == 401, headers
+            assert r.json()["error"]["type"] == "authentication_error"
+        r = c.post("/v1/chat/completions", json={"model": "tiny-a", "messages": []})
+        assert r.status_code == 401  # auth comes before validation: nothing leaks to strangers
+        assert c.get("/models", headers={"Authorization": "Bearer k-one"}).status_code == 200
+        assert c.get("/v1/models", headers={"x-api-key": "k-two"}).status_code == 200
+        import openai
+
+        client = openai.OpenAI(base_url=d.url + "/v1", api_key="k-two", max_retries=0)
+        out = client.chat.completions.create(model="tiny-a", max_tokens=2,
+                                             messages=[{"role": "user", "content": "hi"}])
+        assert out.choices[0].message.content is not None
+        bad = openai.OpenAI(base_url=d.url + "/v1", api_key="nope", max_retries=0)
+        try:
+            bad.models.list()
+        except openai.AuthenticationError:
+            pass
+        else:
+            raise AssertionError("a wrong key was accepted")
+
+
+def test_no_autoload(models_dir: Path, isolated_env: dict[str, str]) -> None:
+    with Daemon("--models-dir", str(models_dir), "--no-autoload", env=isolated_env) as d, d.client() as c:
+        body = {"model": "tiny-a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        r = c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 400
+        assert "not loaded" in r.json()["error"]["message"]
+        assert d.models()["tiny-a"]["status"]["value"] == "unloaded"  # type: ignore[index]
+        d.load("tiny-a")
+        assert c.post("/v1/chat/completions", json=body).status_code == 200
+        assert c.post("/models/unload", json={"model": "tiny-a"}).json() == {"success": True}
+        assert d.models()["tiny-a"]["status"]["value"] == "unloaded"  # type: ignore[index]
+        assert c.post("/v1/chat/completions", json=body).status_code == 400
+        assert c.post("/models/load", json={"model": "nope"}).status_code == 404
+
+
+def test_concurrent_first_requests_start_one_worker(models_dir: Path, isolated_env: dict[str, str]) -> None:
+    with Daemon("--models-dir", str(models_dir), env=isolated_env) as d:
+        def ask(i: int) -> int:
+            with d.client() as c:
+                return c.post("/v1/completions", json={"model": "tiny-b", "prompt": str(i),
+                                                       "max_tokens": 2}).status_code
+        with ThreadPoolExecutor(6) as pool:
+            assert list(pool.map(ask, range(6))) == [200] * 6
+        assert sum("model tiny-b loaded" in line for line in d.lines) == 1
+        workers = [p for p in psutil.Process(d.proc.pid).children()  # type: ignore[union-attr]
+                   if "spawn_main" in " ".join(p.cmdline())]
+        assert len(workers) == 1
+
+
+def test_sigterm_stops_workers_and_exits_zero(models_dir: Path, isolated_env: dict[str, str]) -> None:
+    d = Daemon("--models-dir", str(models_dir), env=isolated_env).start()
+    pids = [d.load(m)["pid"] for m in ("tiny-a", "tiny-b")]
+    procs = [psutil.Process(p) for p in pids]  # type: ignore[arg-type]
+    assert d.stop() == 0
+    gone, alive = psutil.wait_procs(procs, timeout=5)
+    assert not alive
+    assert sum("exited: exit code 0" in line for line in d.lines) == 2, d.log()
+
+
+def test_kill9_of_daemon_leaves_no_worker(models_dir: Path, isolated_env: dict[str, str]) -> None:
+    d = Daemon("--models-dir", str(models_dir), env=isolated_env).start()
+    pids = [d.load(m)["pid"] for m in ("tiny-a", "tiny-b")]
+    procs = [psutil.Process(p) for p in pids]  # type: ignore[arg-type]
+    assert d.proc is not None
+    d.proc.kill()
+    d.proc.wait(10)
+    gone, alive = psutil.wait_procs(procs, timeout=5)
+    assert not alive, f"orphaned workers: {[p.pid for p in alive]}"
