@@ -1,0 +1,197 @@
+"""What does going through modelherd cost? Same tiny model, same request, one run.
+
+Measures time to first token (TTFT) and streamed tokens per second for:
+  1. llama-cpp-python's own `create_chat_completion(stream=True)`, in-process;
+  2. modelherd's llama.cpp backend called in-process (the worker's generation loop,
+     no sockets): the baseline that isolates what the router + ZeroMQ add;
+  3. the same request through a running modelherd daemon (HTTP -> router -> ZeroMQ
+     -> worker -> back), read with a minimal raw-socket client so the client's own
+     overhead stays out of the number.
+
+Usage: python bench/overhead.py [--requests 40] [--max-tokens 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.daemon import Daemon  # noqa: E402
+from tests.tinymodels import write_tiny_gguf  # noqa: E402
+
+NO_EOS = {"0": -100.0, "2": -100.0}  # tiny vocab's EOG tokens: every run makes max_tokens
+MESSAGES = [{"role": "user", "content": "Tell me a story about a small computer."}]
+N_CTX = 2048
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+class Sample:
+    def __init__(self) -> None:
+        self.ttft: list[float] = []
+        self.tps: list[float] = []
+
+    def add(self, ttft: float, tokens: int, total: float) -> None:
+        self.ttft.append(ttft)
+        self.tps.append(tokens / total)
+
+
+def interleaved(runs: dict[str, Callable[[], tuple[float, int, float]]], n: int,
+                per_round: int = 2, warmup: int = 3) -> dict[str, Sample]:
+    """Alternate the paths in short rounds so drift in machine speed hits all of them alike."""
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    samples = {name: Sample() for name in runs}
+    for _ in range(max(1, n // per_round)):
+        for name, run in runs.items():
+            for _ in range(per_round):
+                samples[name].add(*run())
+    return samples
+
+
+def llama_cpp_python(model: Path, max_tokens: int) -> Callable[[], tuple[float, int, float]]:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(model), n_ctx=N_CTX, verbose=False)
+    bias = {int(k): v for k, v in NO_EOS.items()}
+
+    def run() -> tuple[float, int, float]:
+        t0 = time.perf_counter()
+        first = 0.0
+        tokens = 0
+        for chunk in llm.create_chat_completion(messages=MESSAGES, max_tokens=max_tokens, stream=True,
+                                                seed=1, logit_bias=bias):  # type: ignore[arg-type]
+            if chunk["choices"][0]["delta"].get("content"):  # type: ignore[index, union-attr]
+                tokens += 1
+                first = first or time.perf_counter() - t0
+        return first, tokens, time.perf_counter() - t0
+
+    return run
+
+
+def backend_in_process(model: Path, max_tokens: int) -> Callable[[], tuple[float, int, float]]:
+    from protocol.messages import WorkerConfig
+    from worker.backend import Finish, GenParams
+    from worker.llama_backend import LlamaBackend
+
+    backend = LlamaBackend()
+    backend.load(WorkerConfig(name="bench", path=str(model), n_ctx=N_CTX), lambda s, v: True)
+    params = GenParams(max_tokens=max_tokens, seed=1, logit_bias={0: -100.0, 2: -100.0})
+    cancel = threading.Event()
+
+    def run() -> tuple[float, int, float]:
+        t0 = time.perf_counter()
+        first = 0.0
+        tokens = 0
+        for item in backend.chat(MESSAGES, params, cancel):
+            if isinstance(item, Finish):
+                tokens = item.completion_tokens
+            else:
+                first = first or time.perf_counter() - t0
+        return first, tokens, time.perf_counter() - t0
+
+    return run
+
+
+def through_daemon(port: int, model: str, max_tokens: int) -> Callable[[], tuple[float, int, float]]:
+    body = json.dumps({"model": model, "messages": MESSAGES, "max_tokens": max_tokens, "stream": True,
+                       "seed": 1, "logit_bias": NO_EOS, "stream_options": {"include_usage": True}}).encode()
+    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    conn: list[socket.socket] = []
+
+    def connect() -> socket.socket:
+        # Keep-alive like a real client; reconnect when the server closed an idle connection.
+        if conn:
+            conn.pop().close()
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.append(sock)
+        return sock
+
+    def once(sock: socket.socket) -> tuple[float, int, float]:
+        t0 = time.perf_counter()
+        sock.sendall(request)
+        parts: list[bytes] = []
+        first = 0.0
+        tail = b""
+        while b"data: [DONE]" not in tail:
+            data = sock.recv(262144)
+            if not data:
+                raise ConnectionError("connection closed")
+            if not first and b'"delta":{"content":"' in data:
+                first = time.perf_counter() - t0
+            parts.append(data)
+            tail = tail[-16:] + data
+        total = time.perf_counter() - t0
+        while not tail.endswith(b"0\r\n\r\n"):  # the chunked terminator, so keep-alive stays in sync
+            data = sock.recv(65536)
+            parts.append(data)
+            tail = tail[-16:] + data
+        buf = b"".join(parts)
+        at = buf.rindex(b'"usage":{')
+        usage = json.loads(buf[at + 8: buf.index(b"}", at) + 1])
+        return first or total, int(usage["completion_tokens"]), total
+
+    def run() -> tuple[float, int, float]:
+        try:
+            return once(conn[0] if conn else connect())
+        except ConnectionError:
+            return once(connect())
+
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=40)
+    ap.add_argument("--max-tokens", type=int, default=256)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="modelherd-bench-"))
+    model = write_tiny_gguf(work / "models" / "tiny.gguf", seed=1)
+    (work / "cfg.toml").write_text(f'[server]\nmodels_dirs = ["{work / "models"}"]\n'
+                                   f'[defaults]\nn_ctx = {N_CTX}\n')
+
+    names = ("llama-cpp-python in-process (create_chat_completion stream)",
+             "modelherd backend in-process (worker's generation loop)",
+             "through modelherd (HTTP -> router -> ZeroMQ -> worker)")
+    with Daemon("--config", str(work / "cfg.toml"), env={"XDG_RUNTIME_DIR": str(work)}) as d:
+        d.load("tiny")
+        samples = interleaved({
+            names[0]: llama_cpp_python(model, args.max_tokens),
+            names[1]: backend_in_process(model, args.max_tokens),
+            names[2]: through_daemon(d.port, "tiny", args.max_tokens),
+        }, args.requests)
+    rows = [(name, samples[name]) for name in names]
+    base, via = samples[names[1]], samples[names[2]]
+
+    print(f"\n{args.requests} requests each, {args.max_tokens} streamed tokens, tiny llama GGUF, "
+          f"n_ctx {N_CTX}, CPU\n")
+    print(f"| {'path':<62} | TTFT p50 ms | TTFT p95 ms | tok/s p50 |")
+    print(f"|{'-' * 64}|-------------|-------------|-----------|")
+    for name, s in rows:
+        print(f"| {name:<62} | {pct(s.ttft, 50) * 1e3:11.2f} | {pct(s.ttft, 95) * 1e3:11.2f} "
+              f"| {statistics.median(s.tps):9.0f} |")
+    added = (pct(via.ttft, 50) - pct(base.ttft, 50)) * 1e3
+    ratio = statistics.median(via.tps) / statistics.median(base.tps)
+    print(f"\nadded TTFT p50 (modelherd - backend in-process): {added:.2f} ms  (target <= 2 ms)")
+    print(f"tok/s ratio (modelherd / backend in-process):     {ratio:.3f}  (target >= 0.95)")
+
+
+if __name__ == "__main__":
+    main()
