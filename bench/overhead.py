@@ -8,7 +8,13 @@ Measures time to first token (TTFT) and streamed tokens per second for:
      -> worker -> back), read with a minimal raw-socket client so the client's own
      overhead stays out of the number.
 
-Usage: python bench/overhead.py [--requests 40] [--max-tokens 256]
+Two generated models: `tiny` (the test suite's, ~10k tok/s on one CPU core, so
+per-token overhead is magnified ~100x against a real model) and `small` (still
+random weights, ~30M parameters, slower per token). The router's CPU time per
+streamed token is reported too, since on a 2-core machine it competes with the
+worker for cores.
+
+Usage: python bench/overhead.py [--requests 40] [--max-tokens 256] [--models tiny,small]
 """
 
 from __future__ import annotations
@@ -27,8 +33,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import psutil  # noqa: E402
+
 from tests.daemon import Daemon  # noqa: E402
-from tests.tinymodels import write_tiny_gguf  # noqa: E402
+from tests.tinymodels import TinyShape, write_tiny_gguf  # noqa: E402
 
 NO_EOS = {"0": -100.0, "2": -100.0}  # tiny vocab's EOG tokens: every run makes max_tokens
 MESSAGES = [{"role": "user", "content": "Tell me a story about a small computer."}]
@@ -50,8 +58,11 @@ class Sample:
         self.tps.append(tokens / total)
 
 
+SHAPES = {"tiny": TinyShape(), "small": TinyShape(n_embd=512, n_head=8, n_head_kv=8, n_ff=1536, n_layer=8)}
+
+
 def interleaved(runs: dict[str, Callable[[], tuple[float, int, float]]], n: int,
-                per_round: int = 2, warmup: int = 3) -> dict[str, Sample]:
+                per_round: int = 4, warmup: int = 3) -> dict[str, Sample]:
     """Alternate the paths in short rounds so drift in machine speed hits all of them alike."""
     for run in runs.values():
         for _ in range(warmup):
@@ -157,31 +168,34 @@ def through_daemon(port: int, model: str, max_tokens: int) -> Callable[[], tuple
     return run
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--requests", type=int, default=40)
-    ap.add_argument("--max-tokens", type=int, default=256)
-    args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="modelherd-bench-"))
-    model = write_tiny_gguf(work / "models" / "tiny.gguf", seed=1)
-    (work / "cfg.toml").write_text(f'[server]\nmodels_dirs = ["{work / "models"}"]\n'
-                                   f'[defaults]\nn_ctx = {N_CTX}\n')
+def cpu_seconds(pid: int) -> float:
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
 
-    names = ("llama-cpp-python in-process (create_chat_completion stream)",
-             "modelherd backend in-process (worker's generation loop)",
+
+def bench_shape(shape: str, work: Path, requests: int, max_tokens: int) -> None:
+    model = write_tiny_gguf(work / shape / "models" / f"{shape}.gguf", seed=1, shape=SHAPES[shape])
+    cfg = work / shape / "cfg.toml"
+    cfg.write_text(f'[server]\nmodels_dirs = ["{model.parent}"]\n[defaults]\nn_ctx = {N_CTX}\n')
+    reference = Sample()
+    run_ref = llama_cpp_python(model, max_tokens)
+    for _ in range(max(3, requests // 8)):  # slow (quadratic detokenize): a few are enough
+        reference.add(*run_ref())
+    names = ("modelherd backend in-process (worker's generation loop)",
              "through modelherd (HTTP -> router -> ZeroMQ -> worker)")
-    with Daemon("--config", str(work / "cfg.toml"), env={"XDG_RUNTIME_DIR": str(work)}) as d:
-        d.load("tiny")
-        samples = interleaved({
-            names[0]: llama_cpp_python(model, args.max_tokens),
-            names[1]: backend_in_process(model, args.max_tokens),
-            names[2]: through_daemon(d.port, "tiny", args.max_tokens),
-        }, args.requests)
-    rows = [(name, samples[name]) for name in names]
-    base, via = samples[names[1]], samples[names[2]]
-
-    print(f"\n{args.requests} requests each, {args.max_tokens} streamed tokens, tiny llama GGUF, "
-          f"n_ctx {N_CTX}, CPU\n")
+    with Daemon("--config", str(cfg), env={"XDG_RUNTIME_DIR": str(work)}) as d:
+        d.load(shape)
+        assert d.proc is not None
+        router_cpu = cpu_seconds(d.proc.pid)
+        samples = interleaved({names[0]: backend_in_process(model, max_tokens),
+                               names[1]: through_daemon(d.port, shape, max_tokens)}, requests)
+        router_cpu = cpu_seconds(d.proc.pid) - router_cpu
+    base, via = samples[names[0]], samples[names[1]]
+    rows = [("llama-cpp-python in-process (create_chat_completion stream)", reference),
+            (names[0], base), (names[1], via)]
+    n_via = len(via.tps) + 3
+    print(f"\nmodel `{shape}` ({model.stat().st_size / 1e6:.1f} MB GGUF, random weights), "
+          f"{requests} requests per path, {max_tokens} streamed tokens each, n_ctx {N_CTX}, CPU\n")
     print(f"| {'path':<62} | TTFT p50 ms | TTFT p95 ms | tok/s p50 |")
     print(f"|{'-' * 64}|-------------|-------------|-----------|")
     for name, s in rows:
@@ -191,6 +205,19 @@ def main() -> None:
     ratio = statistics.median(via.tps) / statistics.median(base.tps)
     print(f"\nadded TTFT p50 (modelherd - backend in-process): {added:.2f} ms  (target <= 2 ms)")
     print(f"tok/s ratio (modelherd / backend in-process):     {ratio:.3f}  (target >= 0.95)")
+    print(f"router CPU per streamed token:                    "
+          f"{router_cpu / (n_via * max_tokens) * 1e6:.0f} us")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=40)
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--models", default="tiny,small")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="modelherd-bench-"))
+    for shape in args.models.split(","):
+        bench_shape(shape, work, args.requests, args.max_tokens)
 
 
 if __name__ == "__main__":

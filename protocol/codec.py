@@ -92,7 +92,7 @@ class _Codec(Generic[Out, In]):
             tag = self._tag_decoder.decode(header).t
         except (msgspec.ValidationError, msgspec.DecodeError):
             return MalformedFrame(f"invalid header: {exc}")
-        if f"`$.t`" in str(exc) and "Invalid value" in str(exc):
+        if "`$.t`" in str(exc) and "Invalid value" in str(exc):
             return UnknownMessage(tag)
         return MalformedFrame(f"invalid {tag!r} message: {exc}")
 

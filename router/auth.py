@@ -44,7 +44,7 @@ def _presented_key(scope: Scope) -> bytes | None:
         if name == b"authorization":
             scheme, _, token = value.partition(b" ")
             if scheme.lower() == b"bearer" and token:
-                return token.strip()
+                return bytes(token.strip())
         elif name == b"x-api-key" and value:
             return bytes(value).strip()
     return None

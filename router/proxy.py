@@ -65,7 +65,8 @@ class OpenAIRoute:
         except HTTPError as exc:
             await send_error(send, exc.kind, exc.message, exc.param, exc.retry_after)
         except PoolError as exc:
-            await send_error(send, exc.kind, exc.message, "model" if exc.kind is ErrorKind.NOT_FOUND else None,
+            param = "model" if exc.kind is ErrorKind.NOT_FOUND else None
+            await send_error(send, exc.kind, exc.message, param,
                              retry_after=5 if exc.kind.status == 503 else None)
         except ClientGone:
             pass
@@ -132,16 +133,26 @@ async def _pump(queue: asyncio.Queue[Item], send: Send) -> bool:
     """Relay one response; True when the worker finished it, False if the client left."""
     head: ResponseHead | None = None
     buffered: list[bytes] = []
+    held: Item | None = None
     while True:
-        item = await queue.get()
+        item = held or await queue.get()
+        held = None
         if item is _CLIENT_GONE:
             return False
         msg, payload = item
         if isinstance(msg, BodyChunk):
-            if head is not None and head.content_type == SSE:
-                await send({"type": "http.response.body", "body": payload, "more_body": True})
-            else:
+            if head is None or head.content_type != SSE:
                 buffered.append(payload or b"")
+                continue
+            # Tokens that queued up while we were writing go out in one write.
+            parts = [payload or b""]
+            while not queue.empty():
+                nxt = queue.get_nowait()
+                if nxt is _CLIENT_GONE or not isinstance(nxt[0], BodyChunk):
+                    held = nxt
+                    break
+                parts.append(nxt[1] or b"")
+            await send({"type": "http.response.body", "body": b"".join(parts), "more_body": True})
         elif isinstance(msg, ResponseHead):
             head = msg
             if msg.content_type == SSE:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import uvicorn
-import zmq.asyncio
+import zmq
 
 from router.app import build_app
 from router.bridge import Bridge
@@ -53,7 +53,12 @@ class _Server(uvicorn.Server):
 
 
 def serve(settings: Settings) -> int:
-    return asyncio.run(_serve(settings))
+    try:
+        import uvloop
+    except ImportError:  # optional: the stdlib loop works, a little slower per token
+        return asyncio.run(_serve(settings))
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(_serve(settings))
 
 
 async def _serve(settings: Settings) -> int:
@@ -68,7 +73,7 @@ async def _serve(settings: Settings) -> int:
 
     # mkdtemp creates the directory with mode 0700: only our user reaches the sockets.
     runtime = Path(tempfile.mkdtemp(prefix="modelherd-", dir=runtime_base()))
-    ctx = zmq.asyncio.Context()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
         bridge = Bridge(ctx, f"ipc://{runtime}/router.sock")
         server = settings.server

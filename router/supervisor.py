@@ -80,7 +80,7 @@ class WorkerProcess:
     def stopping(self) -> bool:
         return self._stopping
 
-    async def start(self, timeout: float) -> ModelInfo:
+    async def start(self, load_timeout: float) -> ModelInfo:
         """Spawn, handshake and load; raises WorkerStartError with the reason."""
         loop = asyncio.get_running_loop()
         self._hello = loop.create_future()
@@ -106,10 +106,10 @@ class WorkerProcess:
         loop.add_reader(log_r.fileno(), self._pump_log)
         loop.add_reader(self._proc.sentinel, self._reap)
         try:
-            return await asyncio.wait_for(self._handshake(), timeout)
+            return await asyncio.wait_for(self._handshake(), load_timeout)
         except TimeoutError:
             await self.stop(grace=0)
-            raise WorkerStartError(f"worker did not become ready within {timeout:.0f} s") from None
+            raise WorkerStartError(f"worker did not become ready within {load_timeout:.0f} s") from None
         except WorkerStartError:
             await self.stop(grace=0)
             raise
@@ -237,9 +237,9 @@ class WorkerProcess:
                 return
         log.error("worker %s (pid %s) survived SIGKILL", self.config.name, self.pid)
 
-    async def _wait_exit(self, timeout: float) -> bool:
+    async def _wait_exit(self, within: float) -> bool:
         try:
-            await asyncio.wait_for(self._exited.wait(), timeout)
+            await asyncio.wait_for(self._exited.wait(), within)
         except TimeoutError:
             return False
         return True

@@ -38,7 +38,8 @@ def http(daemon: Daemon) -> Iterator[httpx.Client]:
 
 @pytest.mark.parametrize("path", [CHAT, "/v1/completions", "/v1/embeddings"])
 def test_malformed_json(http: httpx.Client, path: str) -> None:
-    r = http.post(path, content=b'{"model": "tiny-a", "messages": [', headers={"content-type": "application/json"})
+    r = http.post(path, content=b'{"model": "tiny-a", "messages": [',
+                  headers={"content-type": "application/json"})
     assert_error(r, 400, "malformed JSON")
 
 

@@ -12,7 +12,7 @@ from tests.daemon import REPO
 ALLOWED = {
     "protocol": {"protocol", "msgspec"},
     "worker": {"protocol", "worker", "zmq", "msgspec", "llama_cpp", "mlx", "mlx_lm", "numpy"},
-    "router": {"protocol", "router", "worker", "zmq", "msgspec", "starlette", "uvicorn", "psutil"},
+    "router": {"protocol", "router", "worker", "zmq", "msgspec", "starlette", "uvicorn", "uvloop", "psutil"},
 }
 
 

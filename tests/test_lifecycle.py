@@ -168,7 +168,7 @@ def test_sigterm_stops_workers_and_exits_zero(models_dir: Path, isolated_env: di
     pids = [d.load(m)["pid"] for m in ("tiny-a", "tiny-b")]
     procs = [psutil.Process(p) for p in pids]  # type: ignore[arg-type]
     assert d.stop() == 0
-    gone, alive = psutil.wait_procs(procs, timeout=5)
+    _gone, alive = psutil.wait_procs(procs, timeout=5)
     assert not alive
     assert sum("exited: exit code 0" in line for line in d.lines) == 2, d.log()
 
@@ -180,5 +180,5 @@ def test_kill9_of_daemon_leaves_no_worker(models_dir: Path, isolated_env: dict[s
     assert d.proc is not None
     d.proc.kill()
     d.proc.wait(10)
-    gone, alive = psutil.wait_procs(procs, timeout=5)
+    _gone, alive = psutil.wait_procs(procs, timeout=5)
     assert not alive, f"orphaned workers: {[p.pid for p in alive]}"

@@ -7,7 +7,7 @@ work (llama-cpp-python today, mlx-lm next) is the backend's business.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -47,7 +47,7 @@ class Finish:
 
 
 # A generation yields text pieces (one per sampled token, UTF-8 permitting) then a Finish.
-Generation = Iterator["str | Finish"]
+Generation = Generator["str | Finish", None, None]
 
 
 @dataclass(frozen=True)

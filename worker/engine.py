@@ -2,9 +2,9 @@
 
 The socket thread calls `submit` and `cancel`; both only touch a queue and a
 per-request `threading.Event`, so they never wait on generation. The engine
-thread sends its output through its own inproc PUSH socket (`Sink`), which the
-socket thread forwards to the router: a zmq socket is only ever used by the
-thread that made it.
+thread sends responses on its own DEALER socket (`Sink`) straight to the
+router, whose reader dispatches them by request id: no second thread touches a
+token on its way out, and each zmq socket is used only by the thread that made it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,14 @@ from protocol.errors import ErrorKind, sse_error_event
 from protocol.messages import BodyChunk, Endpoint, ResponseEnd, ResponseError, ResponseHead, Upstream
 from worker import render
 from worker.backend import Backend, Finish, GenParams
-from worker.schema import ChatRequest, CompletionRequest, EmbeddingRequest, RequestInvalid, message_text, parse
+from worker.schema import (
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    RequestInvalid,
+    message_text,
+    parse,
+)
 
 log = logging.getLogger("modelherd.worker.engine")
 
@@ -32,19 +39,20 @@ JSON = "application/json"
 
 
 class Sink:
-    """Upstream sender owned by one thread, via an inproc PUSH socket."""
+    """The engine thread's own DEALER to the router, for response frames only."""
 
-    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], address: str) -> None:
-        self._sock = ctx.socket(zmq.PUSH)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(address)
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, identity: str) -> None:
+        self._sock = ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.ROUTING_ID, identity.encode())
+        self._sock.setsockopt(zmq.LINGER, 2000)  # let the last frames out on shutdown
+        self._sock.connect(endpoint)
         self._codec = WorkerCodec()
 
     def send(self, msg: Upstream, payload: bytes | None = None) -> None:
         self._sock.send_multipart(self._codec.encode(msg, payload), copy=False)
 
     def close(self) -> None:
-        self._sock.close(linger=0)
+        self._sock.close()
 
 
 @dataclass
@@ -157,16 +165,16 @@ class Engine:
 
     def _generate(self, reply: _Reply, job: Job) -> None:
         chat = job.endpoint is Endpoint.CHAT
+        req: ChatRequest | CompletionRequest
         if chat:
-            creq = parse(job.body, ChatRequest)
+            req = creq = parse(job.body, ChatRequest)
             params = self._params(creq)
             messages = [{"role": m.role, "content": message_text(m)} for m in creq.messages]
             gen = self._backend.chat(messages, params, job.cancel)
-            req: ChatRequest | CompletionRequest = creq
         else:
-            req = parse(job.body, CompletionRequest)
-            params = self._params(req)
-            prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
+            req = preq = parse(job.body, CompletionRequest)
+            params = self._params(preq)
+            prompt = preq.prompt if isinstance(preq.prompt, str) else preq.prompt[0]
             gen = self._backend.complete(prompt, params, job.cancel)
         try:
             first = next(gen)  # prompt errors (too long, bad grammar) surface here, before any head

@@ -1,7 +1,7 @@
-"""The worker's socket thread: handshake, load, then relay between router and engine.
+"""The worker's socket thread: handshake, load, then control traffic.
 
-Only this thread touches the DEALER socket. The engine thread's output arrives
-on an inproc PULL socket and is forwarded frame-for-frame, without decoding.
+This thread owns the control DEALER (handshake, progress, requests, cancels,
+heartbeats). Response frames leave from the engine thread's own DEALER.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 
 import zmq
 
@@ -33,7 +34,6 @@ from worker.engine import Engine, Sink
 
 log = logging.getLogger("modelherd.worker")
 
-OUTBOX = "inproc://outbox"
 CONFIGURE_TIMEOUT_S = 30.0
 PROGRESS_INTERVAL_S = 0.05
 STOP_TIMEOUT_S = 5.0
@@ -52,15 +52,13 @@ class Link:
         self._dealer.setsockopt(zmq.ROUTING_ID, worker_id.encode())
         self._dealer.setsockopt(zmq.LINGER, 1000)
         self._dealer.connect(endpoint)
-        self._outbox = ctx.socket(zmq.PULL)
-        self._outbox.bind(OUTBOX)
+        self._endpoint = endpoint
         self._shutdown_requested = False
 
     def serve(self) -> int:
         try:
             return self._serve()
         finally:
-            self._outbox.close(linger=0)
             self._dealer.close()
 
     def _serve(self) -> int:
@@ -81,13 +79,13 @@ class Link:
             return EXIT_OK
         self._send(Ready(info))
         log.info("loaded %s (%s, n_ctx=%d)", config.name, info.device, info.n_ctx)
-        engine = Engine(backend, config.name, info.n_vocab, lambda: Sink(self._ctx, OUTBOX))
+        engine = Engine(backend, config.name, info.n_vocab,
+                        lambda: Sink(self._ctx, self._endpoint, self._worker_id + ":out"))
         engine.start()
         try:
             self._relay(engine)
         finally:
             engine.stop(STOP_TIMEOUT_S)
-            self._forward_pending()
             backend.close()
         return EXIT_OK
 
@@ -96,7 +94,7 @@ class Link:
         while (left := deadline - time.monotonic()) > 0:
             if not self._dealer.poll(int(left * 1000)):
                 break
-            msg = self._recv()
+            msg, _ = self._recv()
             if isinstance(msg, Configure):
                 return msg.model
             if isinstance(msg, Shutdown):
@@ -104,7 +102,7 @@ class Link:
         log.error("no Configure from the router within %.0f s", CONFIGURE_TIMEOUT_S)
         return None
 
-    def _progress_reporter(self):  # type: ignore[no-untyped-def]
+    def _progress_reporter(self) -> Callable[[str, float], bool]:
         last = [0.0]
 
         def report(stage: str, value: float) -> bool:
@@ -114,50 +112,33 @@ class Link:
                 self._send(LoadProgress(stage, value))
             # A Shutdown during the load aborts it (returning False stops llama.cpp).
             while self._dealer.poll(0):
-                if isinstance(self._recv(), Shutdown):
+                if isinstance(self._recv()[0], Shutdown):
                     self._shutdown_requested = True
             return not self._shutdown_requested
 
         return report
 
     def _relay(self, engine: Engine) -> None:
-        poller = zmq.Poller()
-        poller.register(self._dealer, zmq.POLLIN)
-        poller.register(self._outbox, zmq.POLLIN)
         while True:
-            events = dict(poller.poll())
-            if self._outbox in events:
-                self._forward_pending()
-            if self._dealer in events:
-                while self._dealer.poll(0):
-                    frames = self._dealer.recv_multipart(copy=True)
-                    try:
-                        msg, payload = self._codec.decode(frames)
-                    except ProtocolError as exc:
-                        log.error("dropping bad frame from router: %s", exc)
-                        continue
-                    if isinstance(msg, Request):
-                        engine.submit(msg.req_id, msg.endpoint, payload or b"")
-                    elif isinstance(msg, Cancel):
-                        engine.cancel(msg.req_id)
-                    elif isinstance(msg, Heartbeat):
-                        self._send(Heartbeat(msg.seq))
-                        self._send(WorkerStatus(engine.active, engine.queued))
-                    elif isinstance(msg, Shutdown):
-                        log.info("shutdown requested: %s", msg.reason or "no reason given")
-                        return
+            msg, payload = self._recv()
+            if isinstance(msg, Request):
+                engine.submit(msg.req_id, msg.endpoint, payload)
+            elif isinstance(msg, Cancel):
+                engine.cancel(msg.req_id)
+            elif isinstance(msg, Heartbeat):
+                self._send(Heartbeat(msg.seq))
+                self._send(WorkerStatus(engine.active, engine.queued))
+            elif isinstance(msg, Shutdown):
+                log.info("shutdown requested: %s", msg.reason or "no reason given")
+                return
 
-    def _forward_pending(self) -> None:
-        while self._outbox.poll(0):
-            self._dealer.send_multipart(self._outbox.recv_multipart(copy=False), copy=False)
-
-    def _recv(self) -> object:
+    def _recv(self) -> tuple[object, bytes]:
         try:
-            msg, _ = self._codec.decode(self._dealer.recv_multipart())
+            msg, payload = self._codec.decode(self._dealer.recv_multipart())
         except ProtocolError as exc:
             log.error("dropping bad frame from router: %s", exc)
-            return None
-        return msg
+            return None, b""
+        return msg, payload or b""
 
     def _send(self, msg: Hello | LoadProgress | Ready | LoadFailed | Heartbeat | WorkerStatus) -> None:
         self._dealer.send_multipart(self._codec.encode(msg))

@@ -22,15 +22,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import llama_cpp
-import llama_cpp.llama
 import llama_cpp.llama_chat_format as llama_chat_format
-from llama_cpp import Llama, LlamaGrammar, LogitsProcessorList
+import llama_cpp.llama_cpp as llama_low
+from llama_cpp import Llama, LogitsProcessorList
 from llama_cpp._internals import LlamaModel
-from llama_cpp.llama_grammar import JSON_GBNF
+from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
 from protocol.errors import ErrorKind
 from protocol.messages import ModelInfo, WorkerConfig
-from worker.backend import Embeddings, Finish, GenParams, ProgressFn
+from worker.backend import Embeddings, Finish, Generation, GenParams, ProgressFn
 from worker.schema import RequestInvalid
 from worker.stops import split_at_stop
 
@@ -87,7 +87,7 @@ class LlamaBackend:
     # ---- generation --------------------------------------------------------
 
     def chat(self, messages: list[dict[str, str]], params: GenParams,
-             cancel: threading.Event) -> Iterator[str | Finish]:
+             cancel: threading.Event) -> Generation:
         llm = self._require()
         capture = _PromptCapture(llm)
         handler = (llm.chat_handler or llm._chat_handlers.get(llm.chat_format or "")
@@ -98,13 +98,13 @@ class LlamaBackend:
         return self._generate(capture.prompt, params, params.stop + capture.stop, cancel, "messages")
 
     def complete(self, prompt: str, params: GenParams,
-                 cancel: threading.Event) -> Iterator[str | Finish]:
+                 cancel: threading.Event) -> Generation:
         llm = self._require()
         tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
         return self._generate(tokens, params, params.stop, cancel, "prompt")
 
     def _generate(self, prompt: list[int], params: GenParams, stops: list[str],
-                  cancel: threading.Event, field: str) -> Iterator[str | Finish]:
+                  cancel: threading.Event, field: str) -> Generation:
         n_ctx = self._require().n_ctx()
         if len(prompt) >= n_ctx:
             raise RequestInvalid(
@@ -114,7 +114,7 @@ class LlamaBackend:
         return self._run(prompt, params, stops, cancel, grammar, n_ctx)
 
     def _run(self, prompt: list[int], params: GenParams, stops: list[str], cancel: threading.Event,
-             grammar: LlamaGrammar | None, n_ctx: int) -> Iterator[str | Finish]:
+             grammar: LlamaGrammar | None, n_ctx: int) -> Generation:
         llm = self._require()
         budget = n_ctx - len(prompt)
         limit = min(params.max_tokens, budget) if params.max_tokens else budget
@@ -168,7 +168,7 @@ class LlamaBackend:
                     f"input[{i}] has {n} tokens, more than the model's context of {n_ctx}",
                     kind=ErrorKind.CONTEXT_LENGTH_EXCEEDED, param="input")
         result = self._embedder.create_embedding(inputs)
-        vectors = [[float(x) for x in d["embedding"]] for d in result["data"]]  # type: ignore[union-attr]
+        vectors = [[float(x) for x in d["embedding"]] for d in result["data"]]  # type: ignore[arg-type]
         return Embeddings(vectors, int(result["usage"]["prompt_tokens"]))
 
     def tokenize(self, text: str) -> list[int]:
@@ -213,14 +213,14 @@ def _bias(bias: dict[int, float]) -> Any:
 
 def _auto_n_ctx(path: str) -> int:
     """n_ctx = 0 means: the training context, capped so a 128k model doesn't reserve 128k of KV."""
-    params = llama_cpp.llama_model_default_params()
+    params = llama_low.llama_model_default_params()
     params.vocab_only = True  # metadata only: no weights, no context
     probe = LlamaModel(path_model=path, params=params, verbose=False)
     try:
         meta = probe.metadata()
         trained = int(meta.get(f"{meta.get('general.architecture', '')}.context_length", 0) or 0)
     finally:
-        probe.close()
+        probe.close()  # type: ignore[no-untyped-call]
     return min(AUTO_N_CTX_CAP, trained) if trained > 0 else AUTO_N_CTX_CAP
 
 
@@ -266,7 +266,7 @@ def _load_with_progress(kwargs: dict[str, Any], report: Any) -> Llama:
     def on_progress(value: float, _user: ctypes.c_void_p) -> bool:
         return report(float(value)) is not False
 
-    module = llama_cpp.llama.llama_cpp
+    module: Any = llama_low  # the module object llama.py calls through
     original = module.llama_model_default_params
 
     def with_callback() -> Any:
