@@ -54,6 +54,7 @@ def model_entry(slot: Slot) -> dict[str, Any]:
         "source": str(entry.path),
         "path": str(entry.path),
         "origin": entry.origin,
+        "mmproj": entry.worker.mmproj,
         "status": _status(slot),
         "pid": slot.worker.pid if slot.worker is not None else None,
         "in_flight": slot.in_flight,

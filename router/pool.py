@@ -126,8 +126,8 @@ class Pool:
     def _on_exit(self, slot: Slot, worker: WorkerProcess) -> None:
         failed = self._bridge.fail_streams(
             worker.identity, f"the worker serving {slot.entry.name!r} exited ({worker.describe_exit()})")
-        if slot.worker is not worker:
-            return
+        if slot.worker is not worker or slot.status is ModelStatus.LOADING:
+            return  # a replaced worker, or a load in progress: the load task reports the outcome
         slot.worker = None
         slot.info = None
         if worker.stopping:

@@ -182,3 +182,18 @@ def test_kill9_of_daemon_leaves_no_worker(models_dir: Path, isolated_env: dict[s
     d.proc.wait(10)
     _gone, alive = psutil.wait_procs(procs, timeout=5)
     assert not alive, f"orphaned workers: {[p.pid for p in alive]}"
+
+
+def test_model_that_fails_to_load_reports_why(tmp_path: Path, isolated_env: dict[str, str]) -> None:
+    (tmp_path / "broken.gguf").write_bytes(b"GGUF" + b"\x00" * 64)  # a header and nothing else
+    with Daemon("--models-dir", str(tmp_path), env=isolated_env) as d, d.client() as c:
+        r = c.post("/v1/chat/completions", json={"model": "broken",
+                                                 "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 503, r.text
+        assert r.headers["retry-after"]
+        assert "failed to load" in r.json()["error"]["message"]
+        status = d.models()["broken"]["status"]
+        assert status["value"] == "failed" and status["failed"] is True  # type: ignore[index]
+        assert status["message"]  # type: ignore[index]
+        assert d.models()["broken"]["pid"] is None
+        assert c.get("/health").status_code == 200
