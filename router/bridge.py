@@ -53,6 +53,16 @@ class Bridge:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._read(), name="bridge-reader")
+        self._task.add_done_callback(self._reader_done)
+
+    def _reader_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        # Without the reader no response can arrive: end every open request now.
+        log.critical("the bridge reader died: %r", task.exception())
+        for req_id, (_, queue) in list(self._streams.items()):
+            queue.put_nowait((ResponseError(req_id, ErrorKind.INTERNAL, "the router lost its worker link"),
+                              None))
 
     async def close(self) -> None:
         if self._task is not None:
@@ -77,17 +87,19 @@ class Bridge:
     def close_stream(self, req_id: int) -> None:
         self._streams.pop(req_id, None)
 
-    def fail_streams(self, identity: bytes, message: str) -> int:
+    def fail_streams(self, identity: bytes, kind: ErrorKind, message: str) -> int:
         """End every open request of a dead worker with an error; returns how many."""
         failed = 0
         for req_id, (owner, queue) in list(self._streams.items()):
             if owner == identity:
-                queue.put_nowait((ResponseError(req_id, ErrorKind.WORKER_FAILED, message), None))
+                queue.put_nowait((ResponseError(req_id, kind, message), None))
                 failed += 1
         return failed
 
     def send(self, identity: bytes, msg: Downstream, payload: bytes | None = None) -> None:
         """Send without awaiting: a ROUTER socket never blocks on a connected peer."""
+        if identity not in self._peers:  # exited, even if zmq has not noticed the disconnect yet
+            raise PeerUnreachable(f"worker {identity.decode(errors='replace')} is gone")
         frames = [identity, *self._codec.encode(msg, payload)]
         try:
             self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)

@@ -20,7 +20,8 @@ DEFAULT_PORT = 8080
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
 
 Port = Annotated[int, Meta(ge=0, le=65535)]
-Backend = Literal["llama_cpp"]
+# "scripted" is the fault-injection backend (slow/failing loads, crashes) used by tests.
+Backend = Literal["llama_cpp", "scripted"]
 
 
 class ConfigError(Exception):

@@ -7,7 +7,6 @@ llama-server's model picker work unchanged.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import msgspec
@@ -16,7 +15,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from protocol.errors import ErrorKind, error_body
+from router.errors import HTTPError, param_of
 from router.pool import ModelStatus, Pool, PoolError, Slot
+from router.proxy import ClientGone, read_body
+
+MAX_MANAGEMENT_BODY = 64 * 1024
 
 
 class _ModelRef(msgspec.Struct):
@@ -71,9 +74,14 @@ def _error(kind: ErrorKind, message: str, param: str | None = None) -> Response:
 
 async def _model_ref(request: Request) -> _ModelRef | Response:
     try:
-        return msgspec.json.decode(await request.body(), type=_ModelRef)
+        body = await read_body(request.scope, request.receive, MAX_MANAGEMENT_BODY)
+        return msgspec.json.decode(body, type=_ModelRef)
+    except HTTPError as exc:
+        return _error(exc.kind, exc.message)
+    except ClientGone:
+        return Response(status_code=400)
     except msgspec.ValidationError as exc:
-        return _error(ErrorKind.INVALID_REQUEST, f"invalid request: {exc}", "model")
+        return _error(ErrorKind.INVALID_REQUEST, f"invalid request: {exc}", param_of(str(exc)) or "model")
     except msgspec.DecodeError as exc:
         return _error(ErrorKind.INVALID_REQUEST, f"malformed JSON body: {exc}")
 
@@ -95,12 +103,13 @@ def routes(pool: Pool) -> list[Route]:
         if slot is None:
             return _error(ErrorKind.NOT_FOUND, f"model {ref.model!r} not found", "model")
         if slot.status is not ModelStatus.LOADED or slot.worker is None:
-            task = pool.start_load(slot)
             if ref.wait:
                 try:
-                    await asyncio.shield(task)
+                    await pool.wait_loaded(slot)
                 except PoolError as exc:
                     return _error(exc.kind, exc.message)
+            else:
+                pool.start_load(slot)
         return JSONResponse({"success": True, "model": model_entry(slot)})
 
     async def unload(request: Request) -> Response:

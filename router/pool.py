@@ -2,7 +2,10 @@
 
 The pool is the single owner of model state. A load is a named task kept in the
 slot, so every request that needs the same model awaits the same load: two
-requests that arrive together for an unloaded model start one worker.
+requests that arrive together for an unloaded model start one worker. Loads and
+unloads of one slot take turns on the slot's lock, so a request that arrives
+while a model is being unloaded starts a fresh worker after the old one is gone,
+never beside it.
 """
 
 from __future__ import annotations
@@ -57,7 +60,8 @@ class Slot:
     in_flight: int = 0
     last_used: float = 0.0
     failure: Failure | None = None
-    info: ModelInfo | None = field(default=None)
+    info: ModelInfo | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 WorkerFactory = Callable[[ModelEntry, Callable[[str, float], None],
@@ -75,6 +79,7 @@ class Pool:
         self._load_timeout = load_timeout
         self._stop_timeout = stop_timeout
         self._factory = factory or self._spawn
+        self._workers: set[WorkerProcess] = set()  # every live worker, whichever slot it serves
 
     def slots(self) -> list[Slot]:
         return list(self._slots.values())
@@ -89,29 +94,53 @@ class Pool:
         """Start loading `slot` unless a load is already under way; return that load."""
         if slot.load_task is not None and not slot.load_task.done():
             return slot.load_task
-        slot.status = ModelStatus.LOADING
-        slot.progress = 0.0
         slot.load_task = asyncio.create_task(self._load(slot), name=f"load:{slot.entry.name}")
         # The result is awaited by requests; this keeps an unobserved failure from warning.
         slot.load_task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return slot.load_task
 
+    async def wait_loaded(self, slot: Slot) -> WorkerProcess:
+        """Start (or join) the slot's load and wait for it; PoolError if it cannot be had."""
+        task = self.start_load(slot)
+        try:
+            worker = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and not (current and current.cancelling()):
+                raise PoolError(ErrorKind.UNAVAILABLE,
+                                f"model {slot.entry.name!r} was unloaded while it was loading") from None
+            raise
+        if not worker.alive:
+            raise PoolError(ErrorKind.WORKER_FAILED,
+                            f"the worker for {slot.entry.name!r} exited right after loading")
+        return worker
+
     async def _load(self, slot: Slot) -> WorkerProcess:
+        async with slot.lock:
+            if slot.status is ModelStatus.LOADED and slot.worker is not None and slot.worker.alive:
+                return slot.worker
+            return await self._spawn_and_start(slot)
+
+    async def _spawn_and_start(self, slot: Slot) -> WorkerProcess:
         name = slot.entry.name
+        slot.status = ModelStatus.LOADING
+        slot.progress = 0.0
         worker = self._factory(slot.entry, lambda stage, v: self._on_progress(slot, v),
                                lambda w: self._on_exit(slot, w))
         slot.worker = worker
+        self._workers.add(worker)
         started = time.monotonic()
         try:
             info = await worker.start(self._load_timeout)
         except WorkerStartError as exc:
-            if slot.worker is worker:
-                slot.worker = None
-                slot.status = ModelStatus.FAILED
-                slot.failure = Failure(exc.message, worker.exit_code, list(worker.log_tail), time.time())
+            slot.worker = None
+            slot.status = ModelStatus.FAILED
+            slot.failure = Failure(exc.message, worker.exit_code, list(worker.log_tail), time.time())
             raise PoolError(ErrorKind.LOAD_FAILED, f"model {name!r} failed to load: {exc.message}") from exc
         except asyncio.CancelledError:
             await worker.stop(grace=0)
+            slot.worker = None
+            slot.status = ModelStatus.UNLOADED
             raise
         slot.info = info
         slot.status = ModelStatus.LOADED
@@ -124,8 +153,14 @@ class Pool:
         slot.progress = value
 
     def _on_exit(self, slot: Slot, worker: WorkerProcess) -> None:
-        failed = self._bridge.fail_streams(
-            worker.identity, f"the worker serving {slot.entry.name!r} exited ({worker.describe_exit()})")
+        self._workers.discard(worker)
+        if worker.stopping:  # we stopped it: the client may simply retry
+            failed = self._bridge.fail_streams(worker.identity, ErrorKind.UNAVAILABLE,
+                                               f"model {slot.entry.name!r} was unloaded; retry")
+        else:
+            failed = self._bridge.fail_streams(
+                worker.identity, ErrorKind.WORKER_FAILED,
+                f"the worker serving {slot.entry.name!r} exited ({worker.describe_exit()})")
         if slot.worker is not worker or slot.status is ModelStatus.LOADING:
             return  # a replaced worker, or a load in progress: the load task reports the outcome
         slot.worker = None
@@ -159,7 +194,7 @@ class Pool:
                     raise PoolError(ErrorKind.MODEL_NOT_LOADED,
                                     f"model {slot.entry.name!r} is not loaded and autoload is off; "
                                     "load it with POST /models/load")
-                worker = await asyncio.shield(self.start_load(slot))
+                worker = await self.wait_loaded(slot)
             slot.last_used = time.monotonic()
             yield worker
         finally:
@@ -170,17 +205,22 @@ class Pool:
         slot = self.slot(name)
         if slot is None:
             raise PoolError(ErrorKind.NOT_FOUND, f"model {name!r} not found")
-        task, worker = slot.load_task, slot.worker
+        task = slot.load_task
         if task is not None and not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        if worker is not None:
-            slot.status = ModelStatus.UNLOADING
-            await worker.stop(self._stop_timeout)
-        slot.status = ModelStatus.UNLOADED if slot.status is not ModelStatus.FAILED else slot.status
-        slot.worker = None
-        slot.info = None
+        async with slot.lock:
+            worker = slot.worker
+            if worker is not None:
+                slot.status = ModelStatus.UNLOADING
+                await worker.stop(self._stop_timeout)
+                if slot.worker is worker:
+                    slot.worker = None
+            slot.status = ModelStatus.UNLOADED
+            slot.info = None
 
     async def close(self) -> None:
         await asyncio.gather(*(self.unload(s.entry.name) for s in self._slots.values()),
                              return_exceptions=True)
+        # Whatever a race left behind is stopped too: no worker outlives the pool.
+        await asyncio.gather(*(w.stop(grace=0) for w in list(self._workers)), return_exceptions=True)

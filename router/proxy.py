@@ -16,7 +16,7 @@ from starlette.types import Receive, Scope, Send
 from protocol.errors import ErrorKind, sse_error_event
 from protocol.messages import BodyChunk, Cancel, Endpoint, Request, ResponseEnd, ResponseError, ResponseHead
 from router.bridge import Bridge, Item, PeerUnreachable
-from router.errors import HTTPError, send_error
+from router.errors import HTTPError, param_of, send_error
 from router.pool import Pool, PoolError
 
 log = logging.getLogger("modelherd.proxy")
@@ -98,8 +98,7 @@ def parse_routed(body: bytes) -> _Routed:
         text = str(exc)
         if text.startswith("Expected `object`"):
             raise HTTPError(ErrorKind.INVALID_REQUEST, "request body must be a JSON object") from exc
-        param = "model" if "`model`" in text or "$.model" in text else (
-            "stream" if "$.stream" in text else None)
+        param = "model" if "`model`" in text else param_of(text)
         raise HTTPError(ErrorKind.INVALID_REQUEST, f"invalid request: {text}", param) from exc
     except msgspec.DecodeError as exc:
         raise HTTPError(ErrorKind.INVALID_REQUEST, f"malformed JSON body: {exc}") from exc
@@ -162,7 +161,8 @@ async def _pump(queue: asyncio.Queue[Item], send: Send) -> bool:
             return True
         elif isinstance(msg, ResponseError):
             if head is None:
-                await send_error(send, msg.kind, msg.message, msg.param)
+                retry = 5 if msg.kind.status == 503 else None
+                await send_error(send, msg.kind, msg.message, msg.param, retry_after=retry)
             elif head.content_type == SSE:
                 await send({"type": "http.response.body", "body": sse_error_event(msg.kind, msg.message)})
             else:
@@ -171,8 +171,9 @@ async def _pump(queue: asyncio.Queue[Item], send: Send) -> bool:
 
 
 async def _finish(send: Send, head: ResponseHead | None, buffered: list[bytes]) -> None:
-    if head is None:  # cancelled before it started: nothing to say
-        await send_error(send, ErrorKind.CANCELLED, "the request was cancelled")
+    if head is None:  # the worker dropped it without an answer (it was stopping)
+        await send_error(send, ErrorKind.UNAVAILABLE, "the model stopped before answering; retry",
+                         retry_after=5)
     elif head.content_type == SSE:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     else:

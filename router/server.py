@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import shutil
 import signal
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,13 +65,14 @@ def serve(settings: Settings) -> int:
 
 async def _serve(settings: Settings) -> int:
     catalog = build_catalog(settings)
+    # Printed, not logged: where it looked must show whatever the log level.
     for directory in settings.models_dirs:
         if settings.default_models_dir:
             directory.mkdir(parents=True, exist_ok=True)
         state = "" if directory.is_dir() else " (does not exist)"
-        log.info("models dir: %s%s", directory, state)
+        print(f"modelherd: models dir: {directory}{state}", file=sys.stderr, flush=True)
     names = ", ".join(e.name for e in catalog) or "none"
-    log.info("%d model(s) available: %s", len(catalog), names)
+    print(f"modelherd: {len(catalog)} model(s) available: {names}", file=sys.stderr, flush=True)
 
     # mkdtemp creates the directory with mode 0700: only our user reaches the sockets.
     runtime = Path(tempfile.mkdtemp(prefix="modelherd-", dir=runtime_base()))
@@ -81,7 +84,7 @@ async def _serve(settings: Settings) -> int:
         app = build_app(settings, pool, bridge)
         config = uvicorn.Config(
             app, host=server.host, port=server.port, log_level=server.log_level,
-            lifespan="on", timeout_graceful_shutdown=int(server.stop_timeout) or None,
+            lifespan="on", timeout_graceful_shutdown=max(1, math.ceil(server.stop_timeout)),
             access_log=server.log_level == "debug", server_header=False,
         )
         await _Server(config).serve()

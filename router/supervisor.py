@@ -31,6 +31,7 @@ from protocol.messages import (
     WorkerConfig,
 )
 from router.bridge import Bridge, PeerUnreachable
+from router.launch import run_worker
 
 log = logging.getLogger("modelherd.supervisor")
 
@@ -88,10 +89,8 @@ class WorkerProcess:
         ctx = multiprocessing.get_context("spawn")
         life_r, life_w = ctx.Pipe(duplex=False)
         log_r, log_w = ctx.Pipe(duplex=False)
-        from worker.main import run  # resolved by name in the child; no backend import here
-
         self._proc = ctx.Process(
-            target=run,
+            target=run_worker,
             args=(self._bridge.endpoint, self.identity.decode(), life_r, log_w, self._log_level),
             name=f"modelherd-worker:{self.config.name}",
             daemon=False,

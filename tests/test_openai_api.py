@@ -103,6 +103,15 @@ def test_seed_makes_sampling_reproducible(client: openai.OpenAI) -> None:
     assert once() == once()
 
 
+def test_one_clients_seed_does_not_fix_the_next_clients_sampling(client: openai.OpenAI) -> None:
+    def ask(**kw: object) -> str | None:
+        return client.chat.completions.create(  # type: ignore[call-overload, no-any-return]
+            model="tiny-b", messages=[{"role": "user", "content": "x"}], max_tokens=30,
+            temperature=1.0, logit_bias=NO_EOS, **kw).choices[0].message.content
+    ask(seed=7)
+    assert ask() != ask()
+
+
 def test_embeddings_float_and_base64(client: openai.OpenAI, daemon: Daemon) -> None:
     r = client.embeddings.create(model="tiny-a", input=["hello", "a longer sentence here"])
     assert [d.index for d in r.data] == [0, 1]
@@ -146,6 +155,19 @@ def test_two_models_run_in_two_processes_in_parallel(client: openai.OpenAI, daem
     assert all(psutil.pid_exists(p) for p in pids)  # type: ignore[arg-type]
     daemon_pid = daemon.proc.pid  # type: ignore[union-attr]
     assert all(psutil.Process(p).ppid() == daemon_pid for p in pids)  # type: ignore[arg-type]
+
+    # Overlap: while a long generation streams from tiny-a, tiny-b answers in full; then
+    # tiny-a's generation is cut short, which proves it was still running meanwhile.
+    mark = daemon.mark()
+    long = client.chat.completions.create(
+        model="tiny-a", messages=[{"role": "user", "content": "go"}], max_tokens=1000,
+        stream=True, logit_bias=NO_EOS)
+    assert next(iter(long)).choices[0].delta.role == "assistant"
+    other = client.completions.create(model="tiny-b", prompt="x", max_tokens=5, logit_bias=NO_EOS)
+    assert other.usage is not None and other.usage.completion_tokens == 5
+    long.close()
+    m = daemon.wait_for_log(r"request \d+ cancelled after (\d+) tokens", start=mark)
+    assert int(m.group(1)) < 1000
 
     def run(model: str) -> int:
         chunks = client.chat.completions.create(

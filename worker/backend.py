@@ -77,4 +77,8 @@ def make_backend(name: str) -> Backend:
         from worker.llama_backend import LlamaBackend
 
         return LlamaBackend()
-    raise ValueError(f"unknown backend {name!r} (known: llama_cpp)")
+    if name == "scripted":
+        from worker.scripted_backend import ScriptedBackend
+
+        return ScriptedBackend()
+    raise ValueError(f"unknown backend {name!r} (known: llama_cpp, scripted)")

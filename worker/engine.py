@@ -101,6 +101,7 @@ class Engine:
         self._cancels: dict[int, threading.Event] = {}
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._stopping = False  # cancels from here on are the worker's, not the client's
         self.active = 0
 
     @property
@@ -111,13 +112,16 @@ class Engine:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float) -> None:
-        """Cancel everything and wait for the thread (bounded: a token is quick)."""
+    def stop(self, timeout: float) -> bool:
+        """Cancel everything and wait for the thread; False if it is still busy (it may be
+        inside a prompt evaluation, which cannot be interrupted)."""
+        self._stopping = True
         with self._lock:
             for ev in self._cancels.values():
                 ev.set()
         self._jobs.put(None)
         self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def submit(self, req_id: int, endpoint: Endpoint, body: bytes) -> None:
         cancel = threading.Event()
@@ -150,7 +154,7 @@ class Engine:
     def _serve(self, sink: Sink, job: Job) -> None:
         reply = _Reply(sink, job.req_id)
         if job.cancel.is_set():
-            reply.end()
+            self._cancelled(reply, job, None)
             return
         try:
             if job.endpoint is Endpoint.EMBEDDING:
@@ -194,9 +198,9 @@ class Engine:
         for item in items:
             if isinstance(item, Finish):
                 if job.cancel.is_set():
-                    self._log_cancel(job, item)
-                else:
-                    reply.chunk(lead + renderer.finish(item))
+                    self._cancelled(reply, job, item)
+                    return
+                reply.chunk(lead + renderer.finish(item))
                 break
             if not job.cancel.is_set():
                 reply.chunk(lead + renderer.piece(item))
@@ -210,8 +214,7 @@ class Engine:
                 parts.append(item)
                 continue
             if job.cancel.is_set():
-                self._log_cancel(job, item)
-                reply.end()
+                self._cancelled(reply, job, item)
                 return
             body = (render.chat_response if chat else render.completion_response)(
                 self._model, "".join(parts), item)
@@ -221,10 +224,16 @@ class Engine:
             return
         raise RuntimeError("backend generation ended without a Finish")
 
-    @staticmethod
-    def _log_cancel(job: Job, finish: Finish) -> None:
-        # The backend stops within one token of the cancel; tests read this line.
-        log.info("request %d cancelled after %d tokens", job.req_id, finish.completion_tokens)
+    def _cancelled(self, reply: _Reply, job: Job, finish: Finish | None) -> None:
+        tokens = finish.completion_tokens if finish else 0
+        if self._stopping:
+            # The worker is being stopped: the client did nothing wrong and may retry.
+            log.info("request %d stopped by shutdown after %d tokens", job.req_id, tokens)
+            reply.fail(ErrorKind.UNAVAILABLE, "the model was unloaded while generating; retry")
+            return
+        # The client went away. The backend stops within one token; tests read this line.
+        log.info("request %d cancelled after %d tokens", job.req_id, tokens)
+        reply.end()
 
     def _embed(self, reply: _Reply, job: Job) -> None:
         req = parse(job.body, EmbeddingRequest)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 
@@ -85,7 +86,14 @@ class Link:
         try:
             self._relay(engine)
         finally:
-            engine.stop(STOP_TIMEOUT_S)
+            if not engine.stop(STOP_TIMEOUT_S):
+                # Still inside llama.cpp: freeing the model under it would be a use-after-free,
+                # and zmq could not terminate with its socket open. Leave now.
+                log.warning("generation did not stop within %.0f s; exiting without cleanup",
+                            STOP_TIMEOUT_S)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(EXIT_OK)
             backend.close()
         return EXIT_OK
 

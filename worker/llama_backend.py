@@ -16,11 +16,13 @@ import codecs
 import ctypes
 import json
 import os
+import random
 import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
 
+import jinja2
 import llama_cpp
 import llama_cpp.llama_chat_format as llama_chat_format
 import llama_cpp.llama_cpp as llama_low
@@ -92,7 +94,11 @@ class LlamaBackend:
         capture = _PromptCapture(llm)
         handler = (llm.chat_handler or llm._chat_handlers.get(llm.chat_format or "")
                    or llama_chat_format.get_chat_completion_handler(llm.chat_format or ""))
-        handler(llama=capture, messages=messages, stream=True)  # type: ignore[arg-type]
+        try:
+            handler(llama=capture, messages=messages, stream=True)  # type: ignore[arg-type]
+        except jinja2.TemplateError as exc:  # e.g. raise_exception() on roles that don't alternate
+            raise RequestInvalid(f"the model's chat template rejected the messages: {exc}",
+                                 param="messages") from exc
         if capture.prompt is None:
             raise RuntimeError(f"chat format {llm.chat_format!r} did not produce a prompt")
         return self._generate(capture.prompt, params, params.stop + capture.stop, cancel, "messages")
@@ -118,8 +124,8 @@ class LlamaBackend:
         llm = self._require()
         budget = n_ctx - len(prompt)
         limit = min(params.max_tokens, budget) if params.max_tokens else budget
-        if params.seed is not None:
-            llm.set_seed(params.seed)
+        # Always reseed: a seed one client chose must not make the next client's sampling repeat.
+        llm.set_seed(params.seed if params.seed is not None else random.getrandbits(32))
         processors = LogitsProcessorList([_bias(params.logit_bias)]) if params.logit_bias else None
         vocab = llm._model.vocab
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

@@ -80,6 +80,8 @@ class Sampling(msgspec.Struct, kw_only=True):
     logit_bias: dict[str, Annotated[float, Meta(ge=-100.0, le=100.0)]] | None = None
     grammar: str | None = None
     n: Annotated[int, Meta(ge=1)] = 1
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
 
 
 class ChatRequest(Sampling, kw_only=True):
@@ -130,6 +132,11 @@ def _check_semantics(req: Any) -> None:
         if fmt and fmt.type == "json_schema" and (fmt.json_schema is None or fmt.json_schema.schema is None):
             raise RequestInvalid("response_format.json_schema.schema is required for type json_schema",
                                  param="response_format")
+    if isinstance(req, Sampling) and (req.logprobs or req.top_logprobs):
+        raise RequestInvalid("logprobs are not supported yet", kind=ErrorKind.UNSUPPORTED,
+                             param="logprobs")
+    if isinstance(req, CompletionRequest) and req.echo:
+        raise RequestInvalid("echo is not supported", kind=ErrorKind.UNSUPPORTED, param="echo")
     if isinstance(req, CompletionRequest) and req.suffix:
         raise RequestInvalid("suffix (fill-in-the-middle) is not supported",
                              kind=ErrorKind.UNSUPPORTED, param="suffix")
