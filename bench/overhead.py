@@ -205,6 +205,9 @@ def bench_shape(shape: str, work: Path, requests: int, max_tokens: int) -> None:
     ratio = statistics.median(via.tps) / statistics.median(base.tps)
     print(f"\nadded TTFT p50 (modelherd - backend in-process): {added:.2f} ms  (target <= 2 ms)")
     print(f"tok/s ratio (modelherd / backend in-process):     {ratio:.3f}  (target >= 0.95)")
+    ref_ratio = statistics.median(via.tps) / statistics.median(reference.tps)
+    ref_added = (pct(via.ttft, 50) - pct(reference.ttft, 50)) * 1e3
+    print(f"vs llama-cpp-python in-process: added TTFT p50 {ref_added:.2f} ms, tok/s ratio {ref_ratio:.1f}")
     print(f"router CPU per streamed token:                    "
           f"{router_cpu / (n_via * max_tokens) * 1e6:.0f} us")
 

@@ -71,6 +71,17 @@ def test_stream_wire_format_and_headers(daemon: Daemon) -> None:
     assert "usage" not in payloads[0]  # only present when stream_options.include_usage is set
 
 
+def test_stream_and_non_stream_give_the_same_text(client: openai.OpenAI) -> None:
+    # 400 fast tokens: the worker batches them into fewer frames; nothing may be lost.
+    kwargs = dict(model="tiny-a", messages=[{"role": "user", "content": "same"}], max_tokens=400,
+                  seed=5, temperature=0.7, logit_bias=NO_EOS)
+    whole = client.chat.completions.create(**kwargs).choices[0].message.content  # type: ignore[call-overload]
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))  # type: ignore[call-overload]
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert streamed == whole
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
 def test_stop_string_is_honoured(client: openai.OpenAI) -> None:
     # Find a piece of what the model says, then ask it to stop there: the same seed
     # reproduces the text, which must end right before the stop string.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import chain
@@ -35,6 +36,7 @@ from worker.schema import (
 log = logging.getLogger("modelherd.worker.engine")
 
 SSE = "text/event-stream"
+FLUSH_INTERVAL_S = 0.001
 JSON = "application/json"
 
 
@@ -195,16 +197,28 @@ class Engine:
                 items: chain[str | Finish]) -> None:
         reply.head(200, SSE)
         lead = renderer.start()
+        # Tokens that come faster than one per FLUSH_INTERVAL_S leave in small batches:
+        # per-message cost, not bytes, is what a stream spends. The first token, and
+        # every token of a model slower than that, is sent the moment it exists.
+        pending: list[bytes] = []
+        last_flush = 0.0
         for item in items:
             if isinstance(item, Finish):
                 if job.cancel.is_set():
                     self._cancelled(reply, job, item)
                     return
-                reply.chunk(lead + renderer.finish(item))
+                pending.append(lead + renderer.finish(item))
+                reply.chunk(b"".join(pending))
                 break
-            if not job.cancel.is_set():
-                reply.chunk(lead + renderer.piece(item))
-                lead = b""
+            if job.cancel.is_set():
+                continue
+            pending.append(lead + renderer.piece(item))
+            lead = b""
+            now = time.monotonic()
+            if now - last_flush >= FLUSH_INTERVAL_S:
+                reply.chunk(b"".join(pending) if len(pending) > 1 else pending[0])
+                pending.clear()
+                last_flush = now
         reply.end()
 
     def _collect(self, reply: _Reply, job: Job, chat: bool, items: chain[str | Finish]) -> None:
