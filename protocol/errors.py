@@ -90,6 +90,15 @@ def error_body(kind: ErrorKind, message: str, param: str | None = None) -> bytes
     return _json.encode(_ErrorBody(_ErrorDetail(message, kind.openai_type, kind.value, param)))
 
 
+def param_of(message: str) -> str | None:
+    """The top-level field a msgspec validation error points at ("... - at `$.temperature`")."""
+    marker = "at `$."
+    at = message.rfind(marker)
+    if at < 0:
+        return None
+    return message[at + len(marker):].rstrip("`").split("[")[0].split(".")[0] or None
+
+
 def sse_error_event(kind: ErrorKind, message: str) -> bytes:
     """An error delivered inside an already-started SSE stream (status is already 200)."""
     return b"data: " + error_body(kind, message) + b"\n\n"

@@ -19,15 +19,6 @@ class HTTPError(Exception):
         self.retry_after = retry_after
 
 
-def param_of(message: str) -> str | None:
-    """The top-level field a msgspec error points at ("... - at `$.temperature`")."""
-    marker = "at `$."
-    at = message.rfind(marker)
-    if at < 0:
-        return None
-    return message[at + len(marker):].rstrip("`").split("[")[0].split(".")[0] or None
-
-
 async def send_error(send: Send, kind: ErrorKind, message: str, param: str | None = None,
                      retry_after: int | None = None, status: int | None = None) -> None:
     body = error_body(kind, message, param)

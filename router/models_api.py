@@ -14,8 +14,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from protocol.errors import ErrorKind, error_body
-from router.errors import HTTPError, param_of
+from protocol.errors import ErrorKind, error_body, param_of
+from router.errors import HTTPError
 from router.pool import ModelStatus, Pool, PoolError, Slot
 from router.proxy import ClientGone, read_body
 

@@ -13,10 +13,10 @@ import logging
 import msgspec
 from starlette.types import Receive, Scope, Send
 
-from protocol.errors import ErrorKind, sse_error_event
+from protocol.errors import ErrorKind, param_of, sse_error_event
 from protocol.messages import BodyChunk, Cancel, Endpoint, Request, ResponseEnd, ResponseError, ResponseHead
 from router.bridge import Bridge, Item, PeerUnreachable
-from router.errors import HTTPError, param_of, send_error
+from router.errors import HTTPError, send_error
 from router.pool import Pool, PoolError
 
 log = logging.getLogger("modelherd.proxy")

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from protocol.errors import ErrorKind
+from protocol.errors import ErrorKind, param_of
 
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
 Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
@@ -108,19 +108,11 @@ def parse(body: bytes, kind: type[msgspec.Struct]) -> Any:
     try:
         req = msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as exc:
-        raise RequestInvalid(f"invalid request: {exc}", param=_param_of(str(exc))) from exc
+        raise RequestInvalid(f"invalid request: {exc}", param=param_of(str(exc))) from exc
     except msgspec.DecodeError as exc:
         raise RequestInvalid(f"malformed JSON body: {exc}") from exc
     _check_semantics(req)
     return req
-
-
-def _param_of(message: str) -> str | None:
-    marker = "at `$."
-    at = message.rfind(marker)
-    if at < 0:
-        return None
-    return message[at + len(marker):].rstrip("`").split("[")[0] or None
 
 
 def _check_semantics(req: Any) -> None:
