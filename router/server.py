@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import uvicorn
 import zmq
 
@@ -54,6 +55,23 @@ class _Server(uvicorn.Server):
                 loop.remove_signal_handler(sig)
 
 
+def clean_stale_runtime_dirs(base: Path) -> list[Path]:
+    """Remove runtime dirs left by a router that was killed (-9) before it could clean up."""
+    removed = []
+    for d in base.glob("modelherd-*"):
+        pid_file = d / "router.pid"
+        try:
+            if d.stat().st_uid != os.getuid() or not pid_file.is_file():
+                continue
+            pid = int(pid_file.read_text().strip() or 0)
+        except (OSError, ValueError):
+            continue
+        if pid and not psutil.pid_exists(pid):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
 def serve(settings: Settings) -> int:
     try:
         import uvloop
@@ -74,8 +92,12 @@ async def _serve(settings: Settings) -> int:
     names = ", ".join(e.name for e in catalog) or "none"
     print(f"modelherd: {len(catalog)} model(s) available: {names}", file=sys.stderr, flush=True)
 
+    base = runtime_base()
+    for stale in clean_stale_runtime_dirs(base):
+        log.info("removed stale runtime dir %s", stale)
     # mkdtemp creates the directory with mode 0700: only our user reaches the sockets.
-    runtime = Path(tempfile.mkdtemp(prefix="modelherd-", dir=runtime_base()))
+    runtime = Path(tempfile.mkdtemp(prefix="modelherd-", dir=base))
+    (runtime / "router.pid").write_text(str(os.getpid()))
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
         bridge = Bridge(ctx, f"ipc://{runtime}/router.sock")

@@ -145,8 +145,9 @@ def test_sigterm_stops_workers_and_exits_zero(models_dir: Path, isolated_env: di
     assert sum("exited: exit code 0" in line for line in d.lines) == 2, d.log()
 
 
-def test_kill9_of_daemon_leaves_no_worker(models_dir: Path, isolated_env: dict[str, str]) -> None:
-    d = Daemon("--models-dir", str(models_dir), env=isolated_env).start()
+def test_kill9_of_daemon_leaves_no_worker(models_dir: Path, tmp_path: Path) -> None:
+    env = {"XDG_RUNTIME_DIR": str(tmp_path), "XDG_DATA_HOME": str(tmp_path)}
+    d = Daemon("--models-dir", str(models_dir), env=env).start()
     pids = [d.load(m)["pid"] for m in ("tiny-a", "tiny-b")]
     procs = [psutil.Process(p) for p in pids]  # type: ignore[arg-type]
     assert d.proc is not None
@@ -154,6 +155,14 @@ def test_kill9_of_daemon_leaves_no_worker(models_dir: Path, isolated_env: dict[s
     d.proc.wait(10)
     _gone, alive = psutil.wait_procs(procs, timeout=5)
     assert not alive, f"orphaned workers: {[p.pid for p in alive]}"
+    # The killed router's sockets dir is left behind; the next start removes it.
+    stale = list(tmp_path.glob("modelherd-*"))
+    assert len(stale) == 1 and (stale[0] / "router.pid").is_file()
+    with Daemon("--models-dir", str(models_dir), env=env) as again:
+        again.wait_for_log(rf"removed stale runtime dir {stale[0]}")
+        assert not stale[0].exists()
+        assert len(list(tmp_path.glob("modelherd-*"))) == 1  # its own
+    assert not list(tmp_path.glob("modelherd-*"))  # and a clean stop removes its own
 
 
 def test_model_that_fails_to_load_reports_why(tmp_path: Path, isolated_env: dict[str, str]) -> None:
