@@ -111,6 +111,8 @@ class Pool:
                                 f"model {slot.entry.name!r} was unloaded while it was loading") from None
             raise
         if not worker.alive:
+            if worker.stopping:  # unloaded between its load and this request's turn
+                raise PoolError(ErrorKind.UNAVAILABLE, f"model {slot.entry.name!r} was unloaded; retry")
             raise PoolError(ErrorKind.WORKER_FAILED,
                             f"the worker for {slot.entry.name!r} exited right after loading")
         return worker

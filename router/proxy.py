@@ -61,7 +61,13 @@ class OpenAIRoute:
             body = await read_body(scope, receive, self._max_body)
             routed = parse_routed(body)
             async with self._pool.lease(routed.model, self._autoload) as worker:
-                await relay(self._bridge, worker.identity, self._endpoint, body, receive, send)
+                try:
+                    await relay(self._bridge, worker.identity, self._endpoint, body, receive, send)
+                except HTTPError as exc:
+                    if exc.kind is ErrorKind.WORKER_FAILED and worker.stopping:
+                        raise HTTPError(ErrorKind.UNAVAILABLE, "the model was unloaded; retry",
+                                        retry_after=5) from exc
+                    raise
         except HTTPError as exc:
             await send_error(send, exc.kind, exc.message, exc.param, exc.retry_after)
         except PoolError as exc:

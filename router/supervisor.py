@@ -67,6 +67,7 @@ class WorkerProcess:
         self._ready: asyncio.Future[ModelInfo] | None = None
         self._exited = asyncio.Event()
         self._reaper: asyncio.Task[None] | None = None
+        self._spawning: asyncio.Task[None] | None = None
         self._stopping = False
 
     @property
@@ -96,14 +97,11 @@ class WorkerProcess:
             daemon=False,
         )
         self._bridge.add_peer(self.identity, self._on_message)
-        await asyncio.to_thread(self._proc.start)
-        # The child has its copies now; ours of its ends must close so EOF works both ways.
-        life_r.close()
-        log_w.close()
-        self._lifeline, self._log_conn = life_w, log_r
-        os.set_blocking(log_r.fileno(), False)
-        loop.add_reader(log_r.fileno(), self._pump_log)
-        loop.add_reader(self._proc.sentinel, self._reap)
+        # Spawning runs to the end even if this load is cancelled meanwhile: a child whose
+        # sentinel is not watched would never be reaped (a zombie, and no exit event).
+        self._spawning = asyncio.create_task(self._spawn(life_r, life_w, log_r, log_w),
+                                             name=f"spawn:{self.config.name}")
+        await asyncio.shield(self._spawning)
         try:
             return await asyncio.wait_for(self._handshake(), load_timeout)
         except TimeoutError:
@@ -112,6 +110,21 @@ class WorkerProcess:
         except WorkerStartError:
             await self.stop(grace=0)
             raise
+
+    async def _spawn(self, life_r: Connection, life_w: Connection, log_r: Connection,
+                     log_w: Connection) -> None:
+        assert self._proc is not None
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.to_thread(self._proc.start)
+        finally:
+            # The child has its copies now; ours of its ends must close so EOF works both ways.
+            life_r.close()
+            log_w.close()
+        self._lifeline, self._log_conn = life_w, log_r
+        os.set_blocking(log_r.fileno(), False)
+        loop.add_reader(log_r.fileno(), self._pump_log)
+        loop.add_reader(self._proc.sentinel, self._reap)
 
     async def _handshake(self) -> ModelInfo:
         assert self._hello is not None and self._ready is not None
@@ -219,7 +232,9 @@ class WorkerProcess:
 
     async def stop(self, grace: float) -> None:
         """Shutdown message, wait `grace`, SIGTERM the group, wait, SIGKILL."""
-        if self._proc is None or self._exited.is_set():
+        if self._spawning is not None:
+            await asyncio.gather(self._spawning, return_exceptions=True)  # then the sentinel is watched
+        if self._proc is None or self._exited.is_set() or self._proc.pid is None:
             return
         self._stopping = True
         try:
