@@ -140,9 +140,12 @@ class Pool:
             slot.failure = Failure(exc.message, worker.exit_code, list(worker.log_tail), time.time())
             raise PoolError(ErrorKind.LOAD_FAILED, f"model {name!r} failed to load: {exc.message}") from exc
         except asyncio.CancelledError:
-            await worker.stop(grace=0)
+            # The stop must finish even if this task is cancelled again meanwhile,
+            # or the worker would outlive everything that knows about it.
+            stopper = asyncio.create_task(worker.stop(grace=0), name=f"stop:{name}")
             slot.worker = None
             slot.status = ModelStatus.UNLOADED
+            await asyncio.shield(stopper)
             raise
         slot.info = info
         slot.status = ModelStatus.LOADED
@@ -209,7 +212,8 @@ class Pool:
             raise PoolError(ErrorKind.NOT_FOUND, f"model {name!r} not found")
         task = slot.load_task
         if task is not None and not task.done():
-            task.cancel()
+            if not task.cancelling():  # concurrent unloads cancel a load once, then all wait
+                task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         async with slot.lock:
             worker = slot.worker
