@@ -80,6 +80,7 @@ class Pool:
         self._stop_timeout = stop_timeout
         self._factory = factory or self._spawn
         self._workers: set[WorkerProcess] = set()  # every live worker, whichever slot it serves
+        self._stoppers: set[asyncio.Task[None]] = set()  # owned: asyncio keeps tasks only weakly
 
     def slots(self) -> list[Slot]:
         return list(self._slots.values())
@@ -143,6 +144,8 @@ class Pool:
             # The stop must finish even if this task is cancelled again meanwhile,
             # or the worker would outlive everything that knows about it.
             stopper = asyncio.create_task(worker.stop(grace=0), name=f"stop:{name}")
+            self._stoppers.add(stopper)
+            stopper.add_done_callback(self._stoppers.discard)
             slot.worker = None
             slot.status = ModelStatus.UNLOADED
             await asyncio.shield(stopper)

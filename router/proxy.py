@@ -38,9 +38,6 @@ class _Routed(msgspec.Struct):
     stream: bool = False
 
 
-_routed = msgspec.json.Decoder(_Routed)
-
-
 class ClientGone(Exception):
     pass
 
@@ -55,11 +52,12 @@ class OpenAIRoute:
         self._bridge = bridge
         self._max_body = max_body
         self._autoload = autoload
+        self._routed = msgspec.json.Decoder(_Routed)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             body = await read_body(scope, receive, self._max_body)
-            routed = parse_routed(body)
+            routed = parse_routed(self._routed, body)
             async with self._pool.lease(routed.model, self._autoload) as worker:
                 try:
                     await relay(self._bridge, worker.identity, self._endpoint, body, receive, send)
@@ -97,9 +95,9 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             return b"".join(chunks)
 
 
-def parse_routed(body: bytes) -> _Routed:
+def parse_routed(decoder: msgspec.json.Decoder[_Routed], body: bytes) -> _Routed:
     try:
-        routed = _routed.decode(body)
+        routed = decoder.decode(body)
     except msgspec.ValidationError as exc:
         text = str(exc)
         if text.startswith("Expected `object`"):
