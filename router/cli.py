@@ -20,12 +20,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="TOML config file (every key optional)")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
-    serve.add_argument("--models-dir", dest="models_dirs", action="append", metavar="DIR",
-                       help="folder to scan for models; repeatable")
+    serve.add_argument("--models-dir", dest="models_dirs", action="extend", nargs="+", metavar="DIR",
+                       help="folder(s) to scan for models; repeatable")
     serve.add_argument("--no-autoload", dest="autoload", action="store_false", default=None,
                        help="do not load a model on first use; use POST /models/load")
-    serve.add_argument("--api-key", dest="api_keys", action="append", metavar="KEY",
-                       help="require this API key; repeatable")
+    serve.add_argument("--api-key", dest="api_keys", action="extend", nargs="+", metavar="KEY",
+                       help="require one of these API keys; repeatable")
     serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
     serve.add_argument("--max-body-bytes", type=int, help="largest request body (default 16 MiB)")
     return parser

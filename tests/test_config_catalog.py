@@ -125,3 +125,14 @@ def test_no_config_serves_default_models_dir(tmp_path: Path, models_dir: Path) -
         with d.client() as c:
             r = c.post("/v1/completions", json={"model": "found", "prompt": "a", "max_tokens": 2})
         assert r.status_code == 200, r.text
+
+
+def test_cli_accepts_several_values_per_flag_and_repeated_flags() -> None:
+    from router.cli import _parser
+
+    args = _parser().parse_args(["serve", "--models-dir", "a", "b", "--models-dir", "c",
+                                 "--api-key", "k1", "--api-key", "k2", "k3", "--no-autoload"])
+    assert args.models_dirs == ["a", "b", "c"]
+    assert args.api_keys == ["k1", "k2", "k3"]
+    assert args.autoload is False
+    assert _parser().parse_args(["serve"]).autoload is None  # unset: the file or the default decides
