@@ -264,7 +264,10 @@ class WorkerProcess:
             return
         try:
             os.killpg(pid, sig)  # the worker called setsid(): its pid is its group id
-        except ProcessLookupError:
             return
-        except PermissionError:
+        except (ProcessLookupError, PermissionError):
+            pass  # not a group leader yet (stopped before it reached setsid): signal it alone
+        try:
             os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
