@@ -31,6 +31,16 @@ class Endpoint(enum.Enum):
 # Option values a model may pass to its backend; kept scalar so the wire stays typed.
 OptionValue = str | int | float | bool
 
+# The `options` each backend accepts: part of the Configure contract, so the router
+# rejects a typo at config time instead of the worker failing the load later.
+BACKEND_OPTIONS: dict[str, frozenset[str]] = {
+    "llama_cpp": frozenset({
+        "n_batch", "n_ubatch", "flash_attn", "use_mmap", "use_mlock", "rope_freq_base",
+        "rope_freq_scale", "type_k", "type_v", "offload_kqv", "last_n_tokens_size", "seed",
+    }),
+    "scripted": frozenset({"load_seconds", "fail_load", "token_seconds", "crash_after_tokens"}),
+}
+
 
 class WorkerConfig(msgspec.Struct, frozen=True):
     """What a worker needs to load one model. Built by the router's catalog."""

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol.messages import WorkerConfig
+from protocol.messages import BACKEND_OPTIONS, WorkerConfig
 from router.config import BackendOptions, ConfigError, ModelSection, Settings
 
 _SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
@@ -56,6 +56,11 @@ class Catalog:
 
 
 def build_catalog(settings: Settings) -> Catalog:
+    any_backend = frozenset().union(*BACKEND_OPTIONS.values())
+    unknown = sorted(set(settings.defaults.options) - any_backend)
+    if unknown:
+        raise ConfigError(f"config key defaults.options: unknown option(s) {', '.join(unknown)} "
+                          f"(known: {', '.join(sorted(any_backend))})")
     entries: dict[str, ModelEntry] = {}
     for directory in settings.models_dirs:
         for name, path, mmproj in discover(directory):
@@ -110,6 +115,13 @@ def _entry(name: str, path: Path, mmproj: Path | None, origin: str, aliases: tup
     options = dict(defaults.options)
     if own is not None:
         options.update(own.options)
+    known = BACKEND_OPTIONS.get(backend or "llama_cpp", frozenset())
+    unknown = sorted(set(options) - known)
+    if unknown:
+        where = f"models.{name}.options" if own is not None and set(unknown) & set(own.options) \
+            else "defaults.options"
+        raise ConfigError(f"config key {where}: unknown {backend or 'llama_cpp'} option(s) "
+                          f"{', '.join(unknown)} (known: {', '.join(sorted(known))})")
     n_ctx = pick("n_ctx")
     worker = WorkerConfig(
         name=name,

@@ -124,9 +124,14 @@ def build_settings(config_path: Path | None, overrides: dict[str, Any]) -> Setti
                                                      if v is not None and k != "models_dirs"})
     flag_dirs = overrides.get("models_dirs")
     config_dir = config_path.parent.resolve() if config_path else Path.cwd()
-    dirs = flag_dirs if flag_dirs else server.models_dirs
-    uses_default = not dirs
-    paths = [default_models_dir()] if uses_default else [_resolve(config_dir, d) for d in dirs]
+    # Paths in the file are relative to the file; paths given as flags, to where you are.
+    if flag_dirs:
+        paths = [_resolve(Path.cwd(), d) for d in flag_dirs]
+    else:
+        paths = [_resolve(config_dir, d) for d in server.models_dirs]
+    uses_default = not paths
+    if uses_default:
+        paths = [default_models_dir()]
     try:
         server = msgspec.convert(msgspec.to_builtins(server), ServerSection)
     except msgspec.ValidationError as exc:

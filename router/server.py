@@ -37,6 +37,9 @@ def runtime_base(env: dict[str, str] | None = None) -> Path:
     return Path(tempfile.gettempdir())
 
 
+IPC_BASE_MAX = 80  # leaves room for "/modelherd-XXXXXXXX/router.sock"
+
+
 class _Server(uvicorn.Server):
     """uvicorn re-raises a caught SIGTERM after shutdown, so the process would die by
     signal; a daemon that drained cleanly should exit 0. Our handlers only set
@@ -93,6 +96,8 @@ async def _serve(settings: Settings) -> int:
     print(f"modelherd: {len(catalog)} model(s) available: {names}", file=sys.stderr, flush=True)
 
     base = runtime_base()
+    if len(str(base)) > IPC_BASE_MAX:  # ipc:// paths are capped at ~107 bytes by the kernel
+        base = Path("/tmp")
     for stale in clean_stale_runtime_dirs(base):
         log.info("removed stale runtime dir %s", stale)
     # mkdtemp creates the directory with mode 0700: only our user reaches the sockets.

@@ -1,12 +1,19 @@
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from tests.daemon import Daemon
 from tests.tinymodels import write_tiny_gguf
+
+# A loaded CI machine must not turn a slow example into a failure.
+settings.register_profile("modelherd", deadline=None, derandomize=True)
+settings.load_profile("modelherd")
 
 # Token ids 0 and 2 are <|endoftext|> and <|im_end|> in the tiny vocabulary: biasing
 # them away makes a random model generate exactly max_tokens.
@@ -21,14 +28,24 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A short path: ipc:// socket paths must stay under ~107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="mh-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def isolated_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def isolated_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """Keep the daemon's default dirs out of the real $HOME."""
     root = tmp_path_factory.mktemp("xdg")
-    for sub in ("data", "cache", "run"):
+    for sub in ("data", "cache"):
         (root / sub).mkdir()
-    return {"XDG_DATA_HOME": str(root / "data"), "XDG_CACHE_HOME": str(root / "cache"),
-            "XDG_RUNTIME_DIR": str(root / "run")}
+    run = Path(tempfile.mkdtemp(prefix="mh-run-", dir="/tmp"))
+    yield {"XDG_DATA_HOME": str(root / "data"), "XDG_CACHE_HOME": str(root / "cache"),
+           "XDG_RUNTIME_DIR": str(run)}
+    shutil.rmtree(run, ignore_errors=True)
 
 
 def write_config(path: Path, models_dir: Path, extra: str = "") -> Path:

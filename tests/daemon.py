@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -16,18 +16,19 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# Set by systemd; they would take precedence over the test's XDG dirs.
+_SCRUBBED = ("RUNTIME_DIRECTORY", "STATE_DIRECTORY", "CACHE_DIRECTORY")
 
 
 class Daemon:
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.args = ["serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
-        self.env = {**os.environ, **(env or {})}
+        # Port 0: the kernel picks a free port at bind time (no window for another
+        # process to take it); the real one is read from uvicorn's startup line.
+        self.port = 0
+        self.url = ""
+        self.args = ["serve", "--host", "127.0.0.1", "--port", "0", *args]
+        base = {k: v for k, v in os.environ.items() if k not in _SCRUBBED}
+        self.env = {**base, **(env or {})}
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self.proc: subprocess.Popen[str] | None = None
@@ -42,7 +43,14 @@ class Daemon:
         )
         self._reader = threading.Thread(target=self._read, name="daemon-log", daemon=True)
         self._reader.start()
-        self.wait_for_log(r"Uvicorn running on", timeout)
+        try:
+            m = self.wait_for_log(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", timeout)
+        except BaseException:
+            self.proc.kill()  # a daemon that failed to start must not outlive the test
+            self.proc.wait()
+            raise
+        self.port = int(m.group(1))
+        self.url = f"http://127.0.0.1:{self.port}"
         return self
 
     def _read(self) -> None:
@@ -82,6 +90,7 @@ class Daemon:
         """Block until a log line from index `start` on matches `pattern`."""
         regex = re.compile(pattern)
         seen = start
+        deadline = time.monotonic() + timeout
         with self._cond:
             while True:
                 for line in self.lines[seen:]:
@@ -89,10 +98,10 @@ class Daemon:
                     if m:
                         return m
                 seen = len(self.lines)
-                exited = self.proc is not None and self.proc.poll() is not None
-                if exited and (self._reader is None or not self._reader.is_alive()):
-                    raise AssertionError(f"daemon exited before logging {pattern!r}:\n" + self.log())
-                if not self._cond.wait(timeout):
+                if self._reader is not None and not self._reader.is_alive():
+                    raise AssertionError(f"daemon output ended before {pattern!r}:\n" + self.log())
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._cond.wait(left):
                     raise AssertionError(f"no log line matched {pattern!r} within {timeout} s:\n"
                                          + self.log())
 

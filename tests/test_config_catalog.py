@@ -66,6 +66,25 @@ def test_invalid_config_exits_nonzero_with_message(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "cannot read config file" in missing.stderr
 
 
+def test_relative_dirs_resolve_against_file_or_cwd(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[server]\nmodels_dirs = ["in-file"]\n')
+    assert build_settings(cfg, {}).models_dirs == [tmp_path / "in-file"]
+    assert build_settings(cfg, {"models_dirs": ["on-cli"]}).models_dirs == [Path.cwd() / "on-cli"]
+
+
+def test_unknown_backend_option_is_a_config_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[models.m]\nsource = "m.gguf"\noptions = { flash_atn = true }\n')
+    with pytest.raises(ConfigError) as info:
+        build_catalog(build_settings(cfg, {"models_dirs": [str(tmp_path / "none")]}))
+    assert "models.m.options" in str(info.value) and "flash_atn" in str(info.value)
+    assert "flash_attn" in str(info.value)  # the known names are listed
+    cfg.write_text('[defaults]\noptions = { nope = 1 }\n')
+    with pytest.raises(ConfigError, match=r"defaults\.options"):
+        build_catalog(build_settings(cfg, {"models_dirs": [str(tmp_path / "none")]}))
+
+
 def test_alias_clash_is_a_config_error(tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text('[models.a]\nsource = "a.gguf"\naliases = ["x"]\n[models.b]\nsource = "b.gguf"\n'

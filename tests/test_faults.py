@@ -53,8 +53,14 @@ def faults(tmp_path_factory: pytest.TempPathFactory, isolated_env: dict[str, str
 def workers_of(d: Daemon) -> list[psutil.Process]:
     """The daemon's worker children; a zombie counts (an exited worker nobody reaped is a leak)."""
     assert d.proc is not None
-    return [p for p in psutil.Process(d.proc.pid).children()
-            if p.status() == psutil.STATUS_ZOMBIE or "spawn_main" in " ".join(p.cmdline())]
+    found = []
+    for p in psutil.Process(d.proc.pid).children():
+        try:
+            if p.status() == psutil.STATUS_ZOMBIE or "spawn_main" in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:  # exited while we looked
+            pass
+    return found
 
 
 def chat(model: str, stream: bool = False, max_tokens: int = 4) -> dict[str, object]:
@@ -70,14 +76,15 @@ def test_unload_during_load_answers_waiters_503_and_leaves_no_process(faults: Da
         with faults.client() as c:
             result["r"] = c.post("/v1/chat/completions", json=chat("slowload"))
 
-    t = threading.Thread(target=wait_for_model)
+    t = threading.Thread(target=wait_for_model, daemon=True)
     t.start()
     faults.wait_for_log(r"\[slowload\] scripted backend: loading", start=mark)
     pid = faults.models()["slowload"]["pid"]
     assert isinstance(pid, int) and psutil.pid_exists(pid)
     with faults.client() as c:
         assert c.post("/models/unload", json={"model": "slowload"}).json() == {"success": True}
-    t.join(30)
+    t.join(60)
+    assert not t.is_alive(), "the request never returned"
     r = result["r"]
     assert r.status_code == 503, r.text
     assert "unloaded while it was loading" in r.json()["error"]["message"]
@@ -136,12 +143,13 @@ def test_unload_during_non_stream_request_is_503(faults: Daemon) -> None:
         with faults.client() as c:
             result["r"] = c.post("/v1/chat/completions", json=chat("slowgen", max_tokens=1000))
 
-    t = threading.Thread(target=call)
+    t = threading.Thread(target=call, daemon=True)
     t.start()
     faults.wait_for_log(r"\[slowgen\] scripted backend: generating", start=mark)
     with faults.client() as c:
         assert c.post("/models/unload", json={"model": "slowgen"}).status_code == 200
-    t.join(30)
+    t.join(60)
+    assert not t.is_alive(), "the request never returned"
     assert result["r"].status_code == 503, result["r"].text
     assert result["r"].json()["error"]["code"] == "unavailable"
 

@@ -28,16 +28,24 @@ def _long_stream_request(port: int, max_tokens: int = 8000) -> bytes:
 
 
 def test_client_disconnect_cancels_generation(daemon: Daemon) -> None:
-    daemon.load(LONG)
+    pid = daemon.load(LONG)["pid"]
+    assert isinstance(pid, int)
     mark = daemon.mark()
     sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=30)
     sock.sendall(_long_stream_request(daemon.port))
     received = b""
     while received.count(b"data: ") < 3:
-        received += sock.recv(65536)
-    # Abortive close (RST), like a phone dropping off Wi-Fi.
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
+        chunk = sock.recv(65536)
+        assert chunk, received
+        received += chunk
+    # Freeze the worker so generation cannot finish on its own while the client leaves.
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        # Abortive close (RST), like a phone dropping off Wi-Fi.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    finally:
+        os.kill(pid, signal.SIGCONT)
     m = daemon.wait_for_log(r"request \d+ cancelled after (\d+) tokens", timeout=30, start=mark)
     assert int(m.group(1)) < 8000
     # The worker is free at once: a new request on the same model is served.
@@ -90,17 +98,17 @@ def test_api_keys(models_dir: Path, isolated_env: dict[str, str]) -> None:
         assert c.get("/v1/models", headers={"x-api-key": "k-two"}).status_code == 200
         import openai
 
-        client = openai.OpenAI(base_url=d.url + "/v1", api_key="k-two", max_retries=0)
-        out = client.chat.completions.create(model="tiny-a", max_tokens=2,
-                                             messages=[{"role": "user", "content": "hi"}])
+        with openai.OpenAI(base_url=d.url + "/v1", api_key="k-two", max_retries=0, timeout=60) as client:
+            out = client.chat.completions.create(model="tiny-a", max_tokens=2,
+                                                 messages=[{"role": "user", "content": "hi"}])
         assert out.choices[0].message.content is not None
-        bad = openai.OpenAI(base_url=d.url + "/v1", api_key="nope", max_retries=0)
-        try:
-            bad.models.list()
-        except openai.AuthenticationError:
-            pass
-        else:
-            raise AssertionError("a wrong key was accepted")
+        with openai.OpenAI(base_url=d.url + "/v1", api_key="nope", max_retries=0, timeout=60) as bad:
+            try:
+                bad.models.list()
+            except openai.AuthenticationError:
+                pass
+            else:
+                raise AssertionError("a wrong key was accepted")
 
 
 def test_no_autoload(models_dir: Path, isolated_env: dict[str, str]) -> None:
@@ -129,31 +137,60 @@ def test_concurrent_first_requests_start_one_worker(models_dir: Path, isolated_e
                                                        "max_tokens": 2}).status_code
         with ThreadPoolExecutor(6) as pool:
             assert list(pool.map(ask, range(6))) == [200] * 6
+        d.wait_for_log("model tiny-b loaded")  # the log reader may lag the HTTP replies
         assert sum("model tiny-b loaded" in line for line in d.lines) == 1
-        workers = [p for p in psutil.Process(d.proc.pid).children()  # type: ignore[union-attr]
-                   if "spawn_main" in " ".join(p.cmdline())]
-        assert len(workers) == 1
+        assert len(worker_children(d)) == 1
+
+
+def worker_children(d: Daemon) -> list[psutil.Process]:
+    assert d.proc is not None
+    found = []
+    for p in psutil.Process(d.proc.pid).children():
+        try:
+            if p.status() == psutil.STATUS_ZOMBIE or "spawn_main" in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:  # exited while we looked
+            pass
+    return found
+
+
+def still_running(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """Wait up to 5 s; a zombie counts as gone (PID 1 of a container may never reap it)."""
+    _gone, alive = psutil.wait_procs(procs, timeout=5)
+    running = []
+    for p in alive:
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                running.append(p)
+        except psutil.Error:
+            pass
+    return running
 
 
 def test_sigterm_stops_workers_and_exits_zero(models_dir: Path, isolated_env: dict[str, str]) -> None:
     d = Daemon("--models-dir", str(models_dir), env=isolated_env).start()
-    pids = [d.load(m)["pid"] for m in ("tiny-a", "tiny-b")]
-    procs = [psutil.Process(p) for p in pids]  # type: ignore[arg-type]
-    assert d.stop() == 0
-    _gone, alive = psutil.wait_procs(procs, timeout=5)
-    assert not alive
+    try:
+        pids = [d.load(m)["pid"] for m in ("tiny-a", "tiny-b")]
+        procs = [psutil.Process(p) for p in pids]  # type: ignore[arg-type]
+    finally:
+        code = d.stop()
+    assert code == 0
+    assert not still_running(procs)
     assert sum("exited: exit code 0" in line for line in d.lines) == 2, d.log()
 
 
-def test_kill9_of_daemon_leaves_no_worker(models_dir: Path, tmp_path: Path) -> None:
+def test_kill9_of_daemon_leaves_no_worker(models_dir: Path, short_dir: Path) -> None:
+    tmp_path = short_dir
     env = {"XDG_RUNTIME_DIR": str(tmp_path), "XDG_DATA_HOME": str(tmp_path)}
     d = Daemon("--models-dir", str(models_dir), env=env).start()
-    pids = [d.load(m)["pid"] for m in ("tiny-a", "tiny-b")]
-    procs = [psutil.Process(p) for p in pids]  # type: ignore[arg-type]
     assert d.proc is not None
-    d.proc.kill()
-    d.proc.wait(10)
-    _gone, alive = psutil.wait_procs(procs, timeout=5)
+    try:
+        pids = [d.load(m)["pid"] for m in ("tiny-a", "tiny-b")]
+        procs = [psutil.Process(p) for p in pids]  # type: ignore[arg-type]
+    finally:
+        d.proc.kill()
+        d.proc.wait(10)
+    alive = still_running(procs)
     assert not alive, f"orphaned workers: {[p.pid for p in alive]}"
     # The killed router's sockets dir is left behind; the next start removes it.
     stale = list(tmp_path.glob("modelherd-*"))
