@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -108,6 +109,18 @@ class Daemon:
     def log(self) -> str:
         with self._cond:
             return "\n".join(self.lines[-60:])
+
+    def workers(self) -> list[psutil.Process]:
+        """The daemon's worker children; a zombie counts (an exited worker nobody reaped)."""
+        assert self.proc is not None
+        found = []
+        for p in psutil.Process(self.proc.pid).children():
+            try:
+                if p.status() == psutil.STATUS_ZOMBIE or "spawn_main" in " ".join(p.cmdline()):
+                    found.append(p)
+            except psutil.Error:  # exited while we looked
+                pass
+        return found
 
     def mark(self) -> int:
         """Index to pass as `start` to only look at lines logged from now on."""

@@ -50,19 +50,6 @@ def faults(tmp_path_factory: pytest.TempPathFactory, isolated_env: dict[str, str
         yield daemon
 
 
-def workers_of(d: Daemon) -> list[psutil.Process]:
-    """The daemon's worker children; a zombie counts (an exited worker nobody reaped is a leak)."""
-    assert d.proc is not None
-    found = []
-    for p in psutil.Process(d.proc.pid).children():
-        try:
-            if p.status() == psutil.STATUS_ZOMBIE or "spawn_main" in " ".join(p.cmdline()):
-                found.append(p)
-        except psutil.Error:  # exited while we looked
-            pass
-    return found
-
-
 def chat(model: str, stream: bool = False, max_tokens: int = 4) -> dict[str, object]:
     return {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens,
             "stream": stream}
@@ -91,7 +78,7 @@ def test_unload_during_load_answers_waiters_503_and_leaves_no_process(faults: Da
     assert r.headers["retry-after"]
     assert faults.models()["slowload"]["status"]["value"] == "unloaded"  # type: ignore[index]
     assert faults.models()["slowload"]["pid"] is None
-    assert pid not in {p.pid for p in workers_of(faults)}  # unload returns after the exit
+    assert pid not in {p.pid for p in faults.workers()}  # unload returns after the exit
 
 
 def test_requests_racing_unloads_leave_no_orphan(faults: Daemon) -> None:
@@ -116,7 +103,7 @@ def test_requests_racing_unloads_leave_no_orphan(faults: Daemon) -> None:
         assert all(s in (200, 503) for s in statuses), statuses
     # Whatever the interleaving, every live worker is one /models knows about: no orphan.
     known = {m["pid"] for m in faults.models().values() if m["pid"]}
-    assert {p.pid for p in workers_of(faults)} == known
+    assert {p.pid for p in faults.workers()} == known
 
 
 def test_unload_mid_stream_ends_with_an_error_event_not_silence(faults: Daemon) -> None:

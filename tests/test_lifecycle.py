@@ -139,19 +139,7 @@ def test_concurrent_first_requests_start_one_worker(models_dir: Path, isolated_e
             assert list(pool.map(ask, range(6))) == [200] * 6
         d.wait_for_log("model tiny-b loaded")  # the log reader may lag the HTTP replies
         assert sum("model tiny-b loaded" in line for line in d.lines) == 1
-        assert len(worker_children(d)) == 1
-
-
-def worker_children(d: Daemon) -> list[psutil.Process]:
-    assert d.proc is not None
-    found = []
-    for p in psutil.Process(d.proc.pid).children():
-        try:
-            if p.status() == psutil.STATUS_ZOMBIE or "spawn_main" in " ".join(p.cmdline()):
-                found.append(p)
-        except psutil.Error:  # exited while we looked
-            pass
-    return found
+        assert len(d.workers()) == 1
 
 
 def still_running(procs: list[psutil.Process]) -> list[psutil.Process]:
