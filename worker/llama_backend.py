@@ -130,6 +130,7 @@ class LlamaBackend:
         pending = ""
         count = 0
         reason = "length"
+        hit = False
         tokens = llm.generate(
             prompt, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
             temp=params.temperature, repeat_penalty=params.repeat_penalty,
@@ -147,16 +148,18 @@ class LlamaBackend:
                 if text:
                     yield text
                 if hit:
-                    reason, pending = "stop", ""
+                    reason = "stop"
                     break
                 # Checked after every token: a cancel stops generation before the next one.
                 if count >= limit or cancel.is_set():
                     break
         finally:
             tokens.close()
-        tail = pending + decoder.decode(b"", final=True)
-        if tail and not cancel.is_set():
-            yield tail
+        # After a stop string nothing more goes out, not even bytes the decoder still holds.
+        if not hit and not cancel.is_set():
+            tail = pending + decoder.decode(b"", final=True)
+            if tail:
+                yield tail
         yield Finish(reason, len(prompt), count)
 
     def embed(self, inputs: list[str]) -> Embeddings:
