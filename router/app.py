@@ -13,12 +13,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from protocol.errors import ErrorKind, error_body
+from protocol.errors import ErrorKind
 from protocol.messages import Endpoint
 from router import models_api
 from router.auth import APIKeyMiddleware
 from router.bridge import Bridge
 from router.config import Settings
+from router.errors import error_response
 from router.pool import Pool
 from router.proxy import OpenAIRoute
 
@@ -57,14 +58,14 @@ def build_app(settings: Settings, pool: Pool, bridge: Bridge) -> Starlette:
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         kind = _STATUS_KIND.get(exc.status_code, ErrorKind.INVALID_REQUEST)
-        message = f"{request.method} {request.url.path}: {exc.detail}"
-        return Response(error_body(kind, message), status_code=exc.status_code,
-                        media_type="application/json", headers=exc.headers)
+        response = error_response(kind, f"{request.method} {request.url.path}: {exc.detail}",
+                                  status=exc.status_code)
+        response.headers.update(exc.headers or {})  # e.g. Allow on a 405
+        return response
 
     async def server_error(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return Response(error_body(ErrorKind.INTERNAL, "internal server error"), status_code=500,
-                        media_type="application/json")
+        return error_response(ErrorKind.INTERNAL, "internal server error")
 
     return Starlette(
         routes=routes,

@@ -1,29 +1,47 @@
-"""OpenAI-shaped HTTP errors as raw ASGI sends, usable from any layer of the router."""
+"""OpenAI-shaped HTTP errors, rendered one way whichever layer of the router raises them."""
 
 from __future__ import annotations
 
+from starlette.responses import Response
 from starlette.types import Send
 
 from protocol.errors import ErrorKind, error_body
+
+# Seconds a client should wait before retrying, by status: derived from the error's
+# kind, so no call site has to remember it.
+RETRY_AFTER_S = {429: 1, 503: 5}
 
 
 class HTTPError(Exception):
     """Raised inside a handler; rendered as {"error": {...}} with the kind's status."""
 
-    def __init__(self, kind: ErrorKind, message: str, param: str | None = None,
-                 retry_after: int | None = None) -> None:
+    def __init__(self, kind: ErrorKind, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.param = param
-        self.retry_after = retry_after
 
 
-async def send_error(send: Send, kind: ErrorKind, message: str, param: str | None = None,
-                     retry_after: int | None = None, status: int | None = None) -> None:
+def _headers(status: int, length: int) -> list[tuple[bytes, bytes]]:
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(length).encode())]
+    if status in RETRY_AFTER_S:
+        headers.append((b"retry-after", str(RETRY_AFTER_S[status]).encode()))
+    return headers
+
+
+async def send_error(send: Send, kind: ErrorKind, message: str, param: str | None = None) -> None:
+    """The error as raw ASGI messages (pure-ASGI code paths)."""
     body = error_body(kind, message, param)
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if retry_after is not None:
-        headers.append((b"retry-after", str(retry_after).encode()))
-    await send({"type": "http.response.start", "status": status or kind.status, "headers": headers})
+    await send({"type": "http.response.start", "status": kind.status,
+                "headers": _headers(kind.status, len(body))})
     await send({"type": "http.response.body", "body": body})
+
+
+def error_response(kind: ErrorKind, message: str, param: str | None = None,
+                   status: int | None = None) -> Response:
+    """The error as a Starlette response (request/response handlers)."""
+    status = status or kind.status
+    body = error_body(kind, message, param)
+    response = Response(body, status_code=status)
+    response.raw_headers = _headers(status, len(body))
+    return response

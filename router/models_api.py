@@ -14,8 +14,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from protocol.errors import ErrorKind, error_body, param_of
-from router.errors import HTTPError
+from protocol.errors import ErrorKind, param_of
+from router.errors import HTTPError, error_response
 from router.pool import ModelStatus, Pool, PoolError, Slot
 from router.proxy import ClientGone, read_body
 
@@ -67,23 +67,19 @@ def model_entry(slot: Slot) -> dict[str, Any]:
     return out
 
 
-def _error(kind: ErrorKind, message: str, param: str | None = None) -> Response:
-    return Response(error_body(kind, message, param), status_code=kind.status,
-                    media_type="application/json")
-
-
 async def _model_ref(request: Request) -> _ModelRef | Response:
     try:
         body = await read_body(request.scope, request.receive, MAX_MANAGEMENT_BODY)
         return msgspec.json.decode(body, type=_ModelRef)
     except HTTPError as exc:
-        return _error(exc.kind, exc.message)
+        return error_response(exc.kind, exc.message)
     except ClientGone:
         return Response(status_code=400)
     except msgspec.ValidationError as exc:
-        return _error(ErrorKind.INVALID_REQUEST, f"invalid request: {exc}", param_of(str(exc)) or "model")
+        return error_response(ErrorKind.INVALID_REQUEST, f"invalid request: {exc}",
+                              param_of(str(exc)) or "model")
     except msgspec.DecodeError as exc:
-        return _error(ErrorKind.INVALID_REQUEST, f"malformed JSON body: {exc}")
+        return error_response(ErrorKind.INVALID_REQUEST, f"malformed JSON body: {exc}")
 
 
 def routes(pool: Pool) -> list[Route]:
@@ -101,13 +97,13 @@ def routes(pool: Pool) -> list[Route]:
             return ref
         slot = pool.slot(ref.model)
         if slot is None:
-            return _error(ErrorKind.NOT_FOUND, f"model {ref.model!r} not found", "model")
+            return error_response(ErrorKind.NOT_FOUND, f"model {ref.model!r} not found", "model")
         if slot.status is not ModelStatus.LOADED or slot.worker is None:
             if ref.wait:
                 try:
                     await pool.wait_loaded(slot)
                 except PoolError as exc:
-                    return _error(exc.kind, exc.message)
+                    return error_response(exc.kind, exc.message)
             else:
                 pool.start_load(slot)
         return JSONResponse({"success": True, "model": model_entry(slot)})
@@ -119,7 +115,7 @@ def routes(pool: Pool) -> list[Route]:
         try:
             await pool.unload(ref.model)
         except PoolError as exc:
-            return _error(exc.kind, exc.message, "model")
+            return error_response(exc.kind, exc.message, "model")
         return JSONResponse({"success": True})
 
     return [

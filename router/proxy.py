@@ -63,15 +63,13 @@ class OpenAIRoute:
                     await relay(self._bridge, worker.identity, self._endpoint, body, receive, send)
                 except HTTPError as exc:
                     if exc.kind is ErrorKind.WORKER_FAILED and worker.stopping:
-                        raise HTTPError(ErrorKind.UNAVAILABLE, "the model was unloaded; retry",
-                                        retry_after=5) from exc
+                        raise HTTPError(ErrorKind.UNAVAILABLE, "the model was unloaded; retry") from exc
                     raise
         except HTTPError as exc:
-            await send_error(send, exc.kind, exc.message, exc.param, exc.retry_after)
+            await send_error(send, exc.kind, exc.message, exc.param)
         except PoolError as exc:
-            param = "model" if exc.kind is ErrorKind.NOT_FOUND else None
-            await send_error(send, exc.kind, exc.message, param,
-                             retry_after=5 if exc.kind.status == 503 else None)
+            await send_error(send, exc.kind, exc.message,
+                             "model" if exc.kind is ErrorKind.NOT_FOUND else None)
         except ClientGone:
             pass
 
@@ -165,8 +163,7 @@ async def _pump(queue: asyncio.Queue[Item], send: Send) -> bool:
             return True
         elif isinstance(msg, ResponseError):
             if head is None:
-                retry = 5 if msg.kind.status == 503 else None
-                await send_error(send, msg.kind, msg.message, msg.param, retry_after=retry)
+                await send_error(send, msg.kind, msg.message, msg.param)
             elif head.content_type == SSE:
                 await send({"type": "http.response.body", "body": sse_error_event(msg.kind, msg.message)})
             else:
@@ -176,8 +173,7 @@ async def _pump(queue: asyncio.Queue[Item], send: Send) -> bool:
 
 async def _finish(send: Send, head: ResponseHead | None, buffered: list[bytes]) -> None:
     if head is None:  # the worker dropped it without an answer (it was stopping)
-        await send_error(send, ErrorKind.UNAVAILABLE, "the model stopped before answering; retry",
-                         retry_after=5)
+        await send_error(send, ErrorKind.UNAVAILABLE, "the model stopped before answering; retry")
     elif head.content_type == SSE:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     else:

@@ -107,7 +107,9 @@ def test_bad_grammar_and_schema(http: httpx.Client) -> None:
 
 def test_unknown_route_and_method(http: httpx.Client) -> None:
     assert_error(http.get("/v1/nothing-here"), 404, "not found")
-    assert_error(http.get(CHAT), 405, "method")
+    r = http.get(CHAT)
+    assert_error(r, 405, "method")
+    assert r.headers["allow"] == "POST"
 
 
 def test_daemon_still_serves_after_bad_input(http: httpx.Client) -> None:

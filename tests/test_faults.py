@@ -153,6 +153,10 @@ def test_load_failure_message_reaches_the_client(tmp_path: Path, isolated_env: d
         assert status["value"] == "failed"  # type: ignore[index]
         assert "weights are corrupt" in status["message"]  # type: ignore[index]
         assert any("weights are corrupt" in line for line in status["log_tail"])  # type: ignore[index]
+        # The management route renders the same error, Retry-After included.
+        r = c.post("/models/load", json={"model": "bad", "wait": True})
+        assert r.status_code == 503 and r.headers["retry-after"] == "5"
+        assert "weights are corrupt" in r.json()["error"]["message"]
 
 
 def test_worker_crash_during_non_stream_request_is_502_and_next_request_respawns(faults: Daemon) -> None:
