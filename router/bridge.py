@@ -60,9 +60,7 @@ class Bridge:
             return
         # Without the reader no response can arrive: end every open request now.
         log.critical("the bridge reader died: %r", task.exception())
-        for req_id, (_, queue) in list(self._streams.items()):
-            queue.put_nowait((ResponseError(req_id, ErrorKind.INTERNAL, "the router lost its worker link"),
-                              None))
+        self.fail_streams(None, ErrorKind.INTERNAL, "the router lost its worker link")
 
     async def close(self) -> None:
         if self._task is not None:
@@ -87,11 +85,11 @@ class Bridge:
     def close_stream(self, req_id: int) -> None:
         self._streams.pop(req_id, None)
 
-    def fail_streams(self, identity: bytes, kind: ErrorKind, message: str) -> int:
-        """End every open request of a dead worker with an error; returns how many."""
+    def fail_streams(self, identity: bytes | None, kind: ErrorKind, message: str) -> int:
+        """End every open request of one worker (None: of all) with an error; returns how many."""
         failed = 0
         for req_id, (owner, queue) in list(self._streams.items()):
-            if owner == identity:
+            if identity is None or owner == identity:
                 queue.put_nowait((ResponseError(req_id, kind, message), None))
                 failed += 1
         return failed

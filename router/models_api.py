@@ -98,14 +98,13 @@ def routes(pool: Pool) -> list[Route]:
         slot = pool.slot(ref.model)
         if slot is None:
             return error_response(ErrorKind.NOT_FOUND, f"model {ref.model!r} not found", "model")
-        if slot.status is not ModelStatus.LOADED or slot.worker is None:
-            if ref.wait:
-                try:
-                    await pool.wait_loaded(slot)
-                except PoolError as exc:
-                    return error_response(exc.kind, exc.message)
-            else:
-                pool.start_load(slot)
+        if ref.wait:
+            try:
+                await pool.wait_loaded(slot)
+            except PoolError as exc:
+                return error_response(exc.kind, exc.message)
+        else:
+            pool.start_load(slot)  # a no-op load if it is already loaded
         return JSONResponse({"success": True, "model": model_entry(slot)})
 
     async def unload(request: Request) -> Response:

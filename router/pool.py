@@ -15,7 +15,7 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from protocol.errors import ErrorKind
@@ -64,21 +64,15 @@ class Slot:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
-WorkerFactory = Callable[[ModelEntry, Callable[[str, float], None],
-                          Callable[[WorkerProcess], None]], WorkerProcess]
-
-
 class Pool:
     def __init__(self, catalog: Catalog, bridge: Bridge, log_level: str,
-                 load_timeout: float, stop_timeout: float,
-                 factory: WorkerFactory | None = None) -> None:
+                 load_timeout: float, stop_timeout: float) -> None:
         self.catalog = catalog
         self._slots = {entry.name: Slot(entry) for entry in catalog}
         self._bridge = bridge
         self._log_level = log_level
         self._load_timeout = load_timeout
         self._stop_timeout = stop_timeout
-        self._factory = factory or self._spawn
         self._workers: set[WorkerProcess] = set()  # every live worker, whichever slot it serves
         self._stoppers: set[asyncio.Task[None]] = set()  # owned: asyncio keeps tasks only weakly
 
@@ -111,11 +105,8 @@ class Pool:
                 raise PoolError(ErrorKind.UNAVAILABLE,
                                 f"model {slot.entry.name!r} was unloaded while it was loading") from None
             raise
-        if not worker.alive:
-            if worker.stopping:  # unloaded between its load and this request's turn
-                raise PoolError(ErrorKind.UNAVAILABLE, f"model {slot.entry.name!r} was unloaded; retry")
-            raise PoolError(ErrorKind.WORKER_FAILED,
-                            f"the worker for {slot.entry.name!r} exited right after loading")
+        if not worker.alive:  # it ended between its load and this request's turn
+            raise PoolError(*worker.gone_error())
         return worker
 
     async def _load(self, slot: Slot) -> WorkerProcess:
@@ -128,7 +119,8 @@ class Pool:
         name = slot.entry.name
         slot.status = ModelStatus.LOADING
         slot.progress = 0.0
-        worker = self._factory(slot.entry, lambda stage, v: self._on_progress(slot, v),
+        worker = WorkerProcess(slot.entry.worker, self._bridge, self._log_level,
+                               lambda stage, v: self._on_progress(slot, v),
                                lambda w: self._on_exit(slot, w))
         slot.worker = worker
         self._workers.add(worker)
@@ -162,13 +154,7 @@ class Pool:
 
     def _on_exit(self, slot: Slot, worker: WorkerProcess) -> None:
         self._workers.discard(worker)
-        if worker.stopping:  # we stopped it: the client may simply retry
-            failed = self._bridge.fail_streams(worker.identity, ErrorKind.UNAVAILABLE,
-                                               f"model {slot.entry.name!r} was unloaded; retry")
-        else:
-            failed = self._bridge.fail_streams(
-                worker.identity, ErrorKind.WORKER_FAILED,
-                f"the worker serving {slot.entry.name!r} exited ({worker.describe_exit()})")
+        failed = self._bridge.fail_streams(worker.identity, *worker.gone_error())
         if slot.worker is not worker or slot.status is ModelStatus.LOADING:
             return  # a replaced worker, or a load in progress: the load task reports the outcome
         slot.worker = None
@@ -181,10 +167,6 @@ class Pool:
                                worker.exit_code, list(worker.log_tail), time.time())
         log.error("model %s failed: %s; %d request(s) aborted", slot.entry.name,
                   slot.failure.message, failed)
-
-    def _spawn(self, entry: ModelEntry, on_progress: Callable[[str, float], None],
-               on_exit: Callable[[WorkerProcess], None]) -> WorkerProcess:
-        return WorkerProcess(entry.worker, self._bridge, self._log_level, on_progress, on_exit)
 
     # ---- serving ---------------------------------------------------------------
 

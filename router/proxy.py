@@ -18,6 +18,7 @@ from protocol.messages import BodyChunk, Cancel, Endpoint, Request, ResponseEnd,
 from router.bridge import Bridge, Item, PeerUnreachable
 from router.errors import HTTPError, send_error
 from router.pool import Pool, PoolError
+from router.supervisor import WorkerProcess
 
 log = logging.getLogger("modelherd.proxy")
 
@@ -59,12 +60,7 @@ class OpenAIRoute:
             body = await read_body(scope, receive, self._max_body)
             routed = parse_routed(self._routed, body)
             async with self._pool.lease(routed.model, self._autoload) as worker:
-                try:
-                    await relay(self._bridge, worker.identity, self._endpoint, body, receive, send)
-                except HTTPError as exc:
-                    if exc.kind is ErrorKind.WORKER_FAILED and worker.stopping:
-                        raise HTTPError(ErrorKind.UNAVAILABLE, "the model was unloaded; retry") from exc
-                    raise
+                await relay(self._bridge, worker, self._endpoint, body, receive, send)
         except HTTPError as exc:
             await send_error(send, exc.kind, exc.message, exc.param)
         except PoolError as exc:
@@ -109,8 +105,9 @@ def parse_routed(decoder: msgspec.json.Decoder[_Routed], body: bytes) -> _Routed
     return routed
 
 
-async def relay(bridge: Bridge, identity: bytes, endpoint: Endpoint, body: bytes,
+async def relay(bridge: Bridge, worker: WorkerProcess, endpoint: Endpoint, body: bytes,
                 receive: Receive, send: Send) -> None:
+    identity = worker.identity
     req_id, queue = bridge.open_stream(identity)
     watcher = asyncio.create_task(_watch_disconnect(receive, queue), name=f"disconnect-watch:{req_id}")
     finished = False
@@ -118,7 +115,7 @@ async def relay(bridge: Bridge, identity: bytes, endpoint: Endpoint, body: bytes
         try:
             bridge.send(identity, Request(req_id, endpoint), body)
         except PeerUnreachable as exc:
-            raise HTTPError(ErrorKind.WORKER_FAILED, f"the model's worker is not reachable: {exc}") from exc
+            raise HTTPError(*worker.gone_error()) from exc
         finished = await _pump(queue, send)
     finally:
         watcher.cancel()

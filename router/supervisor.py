@@ -19,6 +19,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
 from protocol.codec import VersionMismatch, check_hello
+from protocol.errors import ErrorKind
 from protocol.messages import (
     Configure,
     Hello,
@@ -117,6 +118,9 @@ class WorkerProcess:
         loop = asyncio.get_running_loop()
         try:
             await asyncio.to_thread(self._proc.start)
+        except OSError as exc:  # fork/exec refused: out of processes or memory
+            self._bridge.remove_peer(self.identity)
+            raise WorkerStartError(f"could not start a worker process: {exc}") from exc
         finally:
             # The child has its copies now; ours of its ends must close so EOF works both ways.
             life_r.close()
@@ -211,6 +215,16 @@ class WorkerProcess:
         log.log(logging.INFO if self._stopping else logging.ERROR,
                 "worker %s (pid %s) exited: %s", self.config.name, self._proc.pid, self.describe_exit())
         self._on_exit(self)
+
+    def gone_error(self) -> tuple[ErrorKind, str]:
+        """How a request this worker can no longer answer is answered: after an unload the
+        client may simply retry (503); anything else is the worker's failure (502)."""
+        name = self.config.name
+        if self._stopping:
+            return ErrorKind.UNAVAILABLE, f"model {name!r} was unloaded; retry"
+        if self.exit_code is None:
+            return ErrorKind.WORKER_FAILED, f"the worker serving {name!r} is not reachable"
+        return ErrorKind.WORKER_FAILED, f"the worker serving {name!r} exited ({self.describe_exit()})"
 
     def describe_exit(self) -> str:
         code = self.exit_code
