@@ -47,11 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     from router.server import serve
 
     try:
-        build_catalog(settings)  # alias clashes are config errors too
+        catalog = build_catalog(settings)  # alias clashes and option typos are config errors too
     except ConfigError as exc:
         print(f"modelherd: {exc}", file=sys.stderr)
         return 2
-    return serve(settings)
+    return serve(settings, catalog)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import zmq
 
 from router.app import build_app
 from router.bridge import Bridge
-from router.catalog import build_catalog
+from router.catalog import Catalog
 from router.config import Settings
 from router.pool import Pool
 
@@ -75,17 +75,16 @@ def clean_stale_runtime_dirs(base: Path) -> list[Path]:
     return removed
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: Settings, catalog: Catalog) -> int:
     try:
         import uvloop
     except ImportError:  # optional: the stdlib loop works, a little slower per token
-        return asyncio.run(_serve(settings))
+        return asyncio.run(_serve(settings, catalog))
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(_serve(settings))
+        return runner.run(_serve(settings, catalog))
 
 
-async def _serve(settings: Settings) -> int:
-    catalog = build_catalog(settings)
+async def _serve(settings: Settings, catalog: Catalog) -> int:
     # Printed, not logged: where it looked must show whatever the log level.
     for directory in settings.models_dirs:
         if settings.default_models_dir:
