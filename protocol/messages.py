@@ -31,6 +31,10 @@ class Endpoint(enum.Enum):
 # Option values a model may pass to its backend; kept scalar so the wire stays typed.
 OptionValue = str | int | float | bool
 
+# WorkerConfig.n_ctx = 0 means the trained context capped at this: a 128k model must not
+# reserve 128k of KV cache. The router estimates memory with the same rule.
+AUTO_N_CTX_CAP = 4096
+
 # The `options` each backend accepts: part of the Configure contract, so the router
 # rejects a typo at config time instead of the worker failing the load later.
 BACKEND_OPTIONS: dict[str, frozenset[str]] = {

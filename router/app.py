@@ -34,12 +34,10 @@ def build_app(settings: Settings, pool: Pool, bridge: Bridge) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         bridge.start()
-        try:
-            yield
-        finally:
-            log.info("stopping %d worker(s)", sum(1 for s in pool.slots() if s.worker is not None))
-            await pool.close()
-            await bridge.close()
+        pool.start()
+        yield
+        log.info("stopping %d worker(s)", sum(1 for s in pool.slots() if s.worker is not None))
+        await pool.close()
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})

@@ -19,6 +19,16 @@ _SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
+class Policy:
+    """How the pool treats a model, beyond how to load it."""
+
+    ttl: float = 0.0  # idle seconds before it is unloaded; 0 = never
+    pinned: bool = False
+    load_on_startup: bool = False
+    max_queue: int = 32
+
+
+@dataclass(frozen=True)
 class ModelEntry:
     name: str
     path: Path
@@ -26,6 +36,7 @@ class ModelEntry:
     aliases: tuple[str, ...]
     origin: str  # "config" | "models_dir"
     worker: WorkerConfig
+    policy: Policy = Policy()
 
 
 class Catalog:
@@ -61,11 +72,13 @@ def build_catalog(settings: Settings) -> Catalog:
     if unknown:
         raise ConfigError(f"config key defaults.options: unknown option(s) {', '.join(unknown)} "
                           f"(known: {', '.join(sorted(any_backend))})")
+    server = settings.server
+    default_policy = Policy(ttl=server.idle_ttl, max_queue=server.max_queue)
     entries: dict[str, ModelEntry] = {}
     for directory in settings.models_dirs:
         for name, path, mmproj in discover(directory):
             entries.setdefault(name, _entry(name, path, mmproj, "models_dir", (), None,
-                                            settings.defaults, None))
+                                            settings.defaults, None, default_policy))
     for name, section in settings.models.items():
         path = Path(section.source).expanduser()
         if not path.is_absolute():
@@ -73,9 +86,21 @@ def build_catalog(settings: Settings) -> Catalog:
         mmproj = Path(section.mmproj).expanduser() if section.mmproj else None
         if mmproj is not None and not mmproj.is_absolute():
             mmproj = settings.config_dir / mmproj
+        policy = Policy(ttl=server.idle_ttl if section.ttl is None else section.ttl,
+                        pinned=section.pinned, load_on_startup=section.load_on_startup,
+                        max_queue=section.max_queue or server.max_queue)
         entries[name] = _entry(name, path, mmproj, "config", tuple(section.aliases),
-                               section.backend, settings.defaults, section)
+                               section.backend, settings.defaults, section, policy)
+    _check_startup_set(list(entries.values()), server.max_models)
     return Catalog(list(entries.values()))
+
+
+def _check_startup_set(entries: list[ModelEntry], max_models: int) -> None:
+    """Pinned and load_on_startup models all hold a place at once: they must fit the cap."""
+    held = sorted(e.name for e in entries if e.policy.pinned or e.policy.load_on_startup)
+    if max_models and len(held) > max_models:
+        raise ConfigError(f"config key server.max_models: {max_models} is fewer than the "
+                          f"{len(held)} pinned or load_on_startup models ({', '.join(held)})")
 
 
 def discover(directory: Path) -> list[tuple[str, Path, Path | None]]:
@@ -107,7 +132,8 @@ def _is_later_shard(path: Path) -> bool:
 
 
 def _entry(name: str, path: Path, mmproj: Path | None, origin: str, aliases: tuple[str, ...],
-           backend: str | None, defaults: BackendOptions, own: ModelSection | None) -> ModelEntry:
+           backend: str | None, defaults: BackendOptions, own: ModelSection | None,
+           policy: Policy) -> ModelEntry:
     def pick(field: str) -> object:
         value = getattr(own, field, None) if own is not None else None
         return getattr(defaults, field) if value is None else value
@@ -134,4 +160,4 @@ def _entry(name: str, path: Path, mmproj: Path | None, origin: str, aliases: tup
         mmproj=str(mmproj) if mmproj else None,
         options=options,
     )
-    return ModelEntry(name, path, worker.backend, aliases, origin, worker)
+    return ModelEntry(name, path, worker.backend, aliases, origin, worker, policy)

@@ -26,6 +26,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="do not load a model on first use; use POST /models/load")
     serve.add_argument("--api-key", dest="api_keys", action="extend", nargs="+", metavar="KEY",
                        help="require one of these API keys; repeatable")
+    serve.add_argument("--max-models", type=int, metavar="N",
+                       help="models loading or loaded at once; the least recently used idle one "
+                            "is unloaded to make room (default 4; 0 = no limit)")
+    serve.add_argument("--idle-ttl", type=float, metavar="SECONDS",
+                       help="unload a model idle this long (default 0 = never)")
     serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
     serve.add_argument("--max-body-bytes", type=int, help="largest request body (default 16 MiB)")
     return parser

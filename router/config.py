@@ -38,6 +38,17 @@ class ServerSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     stop_timeout: Annotated[float, Meta(ge=0)] = 10.0
     load_timeout: Annotated[float, Meta(gt=0)] = 600.0
+    # Models loading or loaded at once; 0 = no cap. The LRU idle one makes room.
+    max_models: Annotated[int, Meta(ge=0)] = 4
+    # Seconds a model may sit idle before it is unloaded; 0 = never (per model: `ttl`).
+    idle_ttl: Annotated[float, Meta(ge=0)] = 0.0
+    # Per model, requests queued or running before a 429 (per model: `max_queue`).
+    max_queue: Annotated[int, Meta(ge=1)] = 32
+    # Requests waiting for a model to load, over all models, before a 503.
+    max_waiting: Annotated[int, Meta(ge=1)] = 256
+    # Memory kept free when admitting a model: it loads only if its estimate fits in
+    # what the system has available minus this.
+    memory_margin_mb: Annotated[int, Meta(ge=0)] = 512
 
 
 class BackendOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -55,6 +66,10 @@ class ModelSection(BackendOptions, forbid_unknown_fields=True, kw_only=True):
     backend: Backend | None = None
     aliases: list[Annotated[str, Meta(min_length=1)]] = []
     mmproj: str | None = None
+    ttl: Annotated[float, Meta(ge=0)] | None = None  # idle seconds before unload; 0 = never
+    pinned: bool = False  # never evicted, never unloaded for idleness
+    load_on_startup: bool = False
+    max_queue: Annotated[int, Meta(ge=1)] | None = None
 
 
 class FileConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

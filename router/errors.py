@@ -22,26 +22,30 @@ class HTTPError(Exception):
         self.param = param
 
 
-def _headers(status: int, length: int) -> list[tuple[bytes, bytes]]:
+def _headers(status: int, length: int, retry_after: int | None) -> list[tuple[bytes, bytes]]:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(length).encode())]
-    if status in RETRY_AFTER_S:
-        headers.append((b"retry-after", str(RETRY_AFTER_S[status]).encode()))
+    if retry_after is None:
+        retry_after = RETRY_AFTER_S.get(status)
+    if retry_after is not None:
+        headers.append((b"retry-after", str(max(1, retry_after)).encode()))
     return headers
 
 
-async def send_error(send: Send, kind: ErrorKind, message: str, param: str | None = None) -> None:
-    """The error as raw ASGI messages (pure-ASGI code paths)."""
+async def send_error(send: Send, kind: ErrorKind, message: str, param: str | None = None,
+                     retry_after: int | None = None) -> None:
+    """The error as raw ASGI messages (pure-ASGI code paths). `retry_after` overrides the
+    status's default when the caller knows better (a backoff that ends at a known time)."""
     body = error_body(kind, message, param)
     await send({"type": "http.response.start", "status": kind.status,
-                "headers": _headers(kind.status, len(body))})
+                "headers": _headers(kind.status, len(body), retry_after)})
     await send({"type": "http.response.body", "body": body})
 
 
 def error_response(kind: ErrorKind, message: str, param: str | None = None,
-                   status: int | None = None) -> Response:
+                   status: int | None = None, retry_after: int | None = None) -> Response:
     """The error as a Starlette response (request/response handlers)."""
     status = status or kind.status
     body = error_body(kind, message, param)
     response = Response(body, status_code=status)
-    response.raw_headers = _headers(status, len(body))
+    response.raw_headers = _headers(status, len(body), retry_after)
     return response

@@ -7,6 +7,7 @@ llama-server's model picker work unchanged.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import msgspec
@@ -27,14 +28,19 @@ class _ModelRef(msgspec.Struct):
     wait: bool = False
 
 
-def _status(slot: Slot) -> dict[str, Any]:
+def _status(slot: Slot, now: float) -> dict[str, Any]:
     status: dict[str, Any] = {"value": slot.status.value, "failed": slot.status is ModelStatus.FAILED}
     if slot.status is ModelStatus.LOADING:
         status["progress"] = round(slot.progress, 3)
+    if slot.wait_reason is not None:
+        status["queued"] = slot.wait_reason
     if slot.failure is not None and slot.status is ModelStatus.FAILED:
         status["exit_code"] = slot.failure.exit_code
         status["message"] = slot.failure.message
         status["log_tail"] = slot.failure.log_tail
+        status["load_failures"] = slot.failures  # in a row
+        if slot.retry_at > now:
+            status["retry_in"] = round(slot.retry_at - now, 1)
     return status
 
 
@@ -45,8 +51,9 @@ def _created(slot: Slot) -> int:
         return 0
 
 
-def model_entry(slot: Slot) -> dict[str, Any]:
+def model_entry(pool: Pool, slot: Slot) -> dict[str, Any]:
     entry = slot.entry
+    policy = entry.policy
     out: dict[str, Any] = {
         "id": entry.name,
         "object": "model",
@@ -58,9 +65,14 @@ def model_entry(slot: Slot) -> dict[str, Any]:
         "path": str(entry.path),
         "origin": entry.origin,
         "mmproj": entry.worker.mmproj,
-        "status": _status(slot),
+        "status": _status(slot, time.monotonic()),
         "pid": slot.worker.pid if slot.worker is not None else None,
         "in_flight": slot.in_flight,
+        "waiting": slot.waiting,
+        "pinned": policy.pinned,
+        "ttl": policy.ttl,
+        "max_queue": policy.max_queue,
+        "memory": {"estimate": slot.estimate.total if slot.estimate else None, "rss": pool.rss(slot)},
     }
     if slot.info is not None and slot.status is ModelStatus.LOADED:
         out["meta"] = msgspec.to_builtins(slot.info)
@@ -89,7 +101,7 @@ def routes(pool: Pool) -> list[Route]:
         return JSONResponse({"object": "list", "data": data})
 
     async def list_router(request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [model_entry(s) for s in pool.slots()]})
+        return JSONResponse({"object": "list", "data": [model_entry(pool, s) for s in pool.slots()]})
 
     async def load(request: Request) -> Response:
         ref = await _model_ref(request)
@@ -100,12 +112,12 @@ def routes(pool: Pool) -> list[Route]:
             return error_response(ErrorKind.NOT_FOUND, f"model {ref.model!r} not found", "model")
         if ref.wait:
             try:
-                await pool.wait_loaded(slot)
+                await pool.load(slot)
             except PoolError as exc:
-                return error_response(exc.kind, exc.message)
+                return error_response(exc.kind, exc.message, retry_after=exc.retry_after)
         else:
             pool.start_load(slot)  # a no-op load if it is already loaded
-        return JSONResponse({"success": True, "model": model_entry(slot)})
+        return JSONResponse({"success": True, "model": model_entry(pool, slot)})
 
     async def unload(request: Request) -> Response:
         ref = await _model_ref(request)

@@ -1,11 +1,11 @@
-"""The pool: one slot per catalog model, at most one live worker per slot.
+"""The pool: the one owner of model state, and of the decisions about it.
 
-The pool is the single owner of model state. A load is a named task kept in the
-slot, so every request that needs the same model awaits the same load: two
-requests that arrive together for an unloaded model start one worker. Loads and
-unloads of one slot take turns on the slot's lock, so a request that arrives
-while a model is being unloaded starts a fresh worker after the old one is gone,
-never beside it.
+Every model has a slot. A request leases its model's worker; if the model is not
+loaded, the request waits in one FIFO admission queue until `admission.plan` lets
+the model in (evicting idle least-recently-used models first), then joins the
+model's single load. Decisions are made synchronously in `_pump`, so nothing can
+interleave between a decision and its bookkeeping. Processes are reached only
+through the `Launcher` and `Memory` effects, which tests replace with fakes.
 """
 
 from __future__ import annotations
@@ -14,17 +14,24 @@ import asyncio
 import contextlib
 import enum
 import logging
+import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from protocol.errors import ErrorKind
-from protocol.messages import ModelInfo
-from router.bridge import Bridge
+from protocol.messages import ModelInfo, WorkerConfig
+from router.admission import MIB, Admit, Holder, Refuse, Wait, plan
 from router.catalog import Catalog, ModelEntry
-from router.supervisor import WorkerProcess, WorkerStartError
+from router.footprint import Estimate, mib
+from router.supervisor import WorkerStartError
 
 log = logging.getLogger("modelherd.pool")
+
+BACKOFF_FIRST_S = 5.0  # after a failed load; doubles per consecutive failure
+BACKOFF_MAX_S = 300.0
+REPLAN_S = 1.0  # while models wait, memory freed by other programs is noticed this often
 
 
 class ModelStatus(enum.Enum):
@@ -35,11 +42,53 @@ class ModelStatus(enum.Enum):
     FAILED = "failed"
 
 
+_HOLDING = (ModelStatus.LOADING, ModelStatus.LOADED, ModelStatus.UNLOADING)
+
+
 class PoolError(Exception):
-    def __init__(self, kind: ErrorKind, message: str) -> None:
+    def __init__(self, kind: ErrorKind, message: str, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
+        self.retry_after = retry_after
+
+
+class WorkerHandle(Protocol):
+    """What the pool needs of a worker process (router.supervisor.WorkerProcess)."""
+
+    identity: bytes
+    exit_code: int | None
+
+    @property
+    def pid(self) -> int | None: ...
+    @property
+    def alive(self) -> bool: ...
+    @property
+    def stopping(self) -> bool: ...
+    @property
+    def log_tail(self) -> Sequence[str]: ...
+    async def start(self, load_timeout: float) -> ModelInfo: ...
+    async def stop(self, grace: float) -> None: ...
+    def gone_error(self) -> tuple[ErrorKind, str]: ...
+    def describe_exit(self) -> str: ...
+
+
+ProgressFn = Callable[[str, float], None]
+Launcher = Callable[[ModelEntry, ProgressFn, Callable[[WorkerHandle], None]], WorkerHandle]
+
+
+class Memory(Protocol):
+    def available(self) -> int: ...
+    def rss(self, pid: int) -> int | None: ...
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    max_models: int = 4
+    max_waiting: int = 256
+    memory_margin: int = 512 * MIB
+    load_timeout: float = 600.0
+    stop_timeout: float = 10.0
 
 
 @dataclass
@@ -54,27 +103,52 @@ class Failure:
 class Slot:
     entry: ModelEntry
     status: ModelStatus = ModelStatus.UNLOADED
-    worker: WorkerProcess | None = None
-    load_task: asyncio.Task[WorkerProcess] | None = None
+    worker: WorkerHandle | None = None
+    load_task: asyncio.Task[WorkerHandle] | None = None
     progress: float = 0.0
-    in_flight: int = 0
+    in_flight: int = 0  # leases held: waiting for the model or being served
+    waiting: int = 0  # of those, still waiting for the model
     last_used: float = 0.0
     failure: Failure | None = None
+    failures: int = 0  # consecutive failed loads
+    retry_at: float = 0.0  # no automatic load before this (monotonic)
     info: ModelInfo | None = None
+    estimate: Estimate | None = None
+    last_rss: int = 0  # measured after its last load: a better guess than the estimate
+    admission: asyncio.Future[asyncio.Task[WorkerHandle]] | None = None  # while queued
+    admission_waiters: int = 0
+    wait_reason: str | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def need(self) -> int:
+        return max(self.estimate.total if self.estimate else 0, self.last_rss)
 
 
 class Pool:
-    def __init__(self, catalog: Catalog, bridge: Bridge, log_level: str,
-                 load_timeout: float, stop_timeout: float) -> None:
+    def __init__(self, catalog: Catalog, settings: PoolSettings, launcher: Launcher, memory: Memory,
+                 estimator: Callable[[WorkerConfig], Estimate],
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.catalog = catalog
+        self.settings = settings
         self._slots = {entry.name: Slot(entry) for entry in catalog}
-        self._bridge = bridge
-        self._log_level = log_level
-        self._load_timeout = load_timeout
-        self._stop_timeout = stop_timeout
-        self._workers: set[WorkerProcess] = set()  # every live worker, whichever slot it serves
-        self._stoppers: set[asyncio.Task[None]] = set()  # owned: asyncio keeps tasks only weakly
+        self._launch = launcher
+        self._memory = memory
+        self._estimator = estimator
+        self._clock = clock
+        self._queue: list[Slot] = []  # FIFO of models waiting for admission
+        self._in_flight = 0
+        self._waiting = 0
+        self._draining = False
+        self._drain_ends: float | None = None
+        self._closed = False
+        self._workers: set[WorkerHandle] = set()  # every live worker, whichever slot it serves
+        self._tasks: set[asyncio.Task[Any]] = set()  # owned: asyncio keeps tasks only weakly
+        self._estimates: dict[str, asyncio.Future[Estimate]] = {}
+        self._changed = asyncio.Event()
+        self._janitor: asyncio.Task[None] | None = None
+
+    # ---- views -------------------------------------------------------------------
 
     def slots(self) -> list[Slot]:
         return list(self._slots.values())
@@ -83,61 +157,315 @@ class Pool:
         entry = self.catalog.resolve(name)
         return self._slots[entry.name] if entry else None
 
-    # ---- loading ---------------------------------------------------------------
+    def rss(self, slot: Slot) -> int | None:
+        pid = slot.worker.pid if slot.worker is not None else None
+        return self._memory.rss(pid) if pid is not None else None
 
-    def start_load(self, slot: Slot) -> asyncio.Task[WorkerProcess]:
-        """Start loading `slot` unless a load is already under way; return that load."""
+    @property
+    def idle(self) -> bool:
+        return self._in_flight == 0
+
+    def begin_drain(self, grace: float) -> None:
+        """From now on every request is refused (503); those in flight have `grace` seconds,
+        which is also all the time workers get to stop when the pool closes."""
+        self._draining = True
+        self._drain_ends = self._clock() + grace
+
+    def cut_drain(self) -> None:
+        """The grace is over (timeout or a second signal): requests waiting for a model
+        are answered now (503) and close will not wait for anything."""
+        self._draining = self._closed = True
+        self._drain_ends = self._clock()
+        for slot in self._slots.values():
+            self._dequeue(slot)
+            if slot.load_task is not None and not slot.load_task.done():
+                slot.load_task.cancel()
+
+    # ---- life -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the idle janitor and load the load_on_startup models."""
+        self._janitor = asyncio.create_task(self._janitor_loop(), name="pool-janitor")
+        for slot in self._slots.values():
+            if slot.entry.policy.load_on_startup:
+                self.start_load(slot)
+
+    async def close(self, grace: float | None = None) -> None:
+        """Stop every worker by the ladder. The grace is `grace` if given, else what is left
+        of a drain's, else stop_timeout."""
+        if grace is None:
+            grace = (self.settings.stop_timeout if self._drain_ends is None
+                     else max(0.0, self._drain_ends - self._clock()))
+        self._draining = self._closed = True
+        if self._janitor is not None:
+            self._janitor.cancel()
+        await asyncio.gather(*(self._unload(s, grace) for s in self._slots.values()),
+                             return_exceptions=True)
+        # Whatever a race left behind is stopped too: no worker outlives the pool.
+        await asyncio.gather(*(w.stop(grace=0) for w in list(self._workers)), return_exceptions=True)
+
+    # ---- serving ----------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def lease(self, name: str, autoload: bool) -> AsyncIterator[WorkerHandle]:
+        """A loaded worker for `name`, counted in flight while the caller holds it."""
+        slot = self._require(name)
+        if self._draining:
+            raise PoolError(ErrorKind.UNAVAILABLE, "modelherd is shutting down; retry shortly")
+        policy = slot.entry.policy
+        if slot.in_flight >= policy.max_queue:
+            raise PoolError(ErrorKind.RATE_LIMITED,
+                            f"model {slot.entry.name!r} already has {slot.in_flight} requests queued or "
+                            f"running (max_queue {policy.max_queue}); retry shortly")
+        worker = slot.worker
+        ready = slot.status is ModelStatus.LOADED and worker is not None and worker.alive
+        if not ready:
+            if not autoload and slot.status is not ModelStatus.LOADING:
+                raise PoolError(ErrorKind.MODEL_NOT_LOADED,
+                                f"model {slot.entry.name!r} is not loaded and autoload is off; "
+                                "load it with POST /models/load")
+            if self._waiting >= self.settings.max_waiting:
+                raise PoolError(ErrorKind.UNAVAILABLE,
+                                f"{self._waiting} requests are already waiting for models to load "
+                                f"(max_waiting {self.settings.max_waiting}); retry later")
+        slot.in_flight += 1
+        self._in_flight += 1
+        try:
+            if not ready:
+                slot.waiting += 1
+                self._waiting += 1
+                try:
+                    worker = await self._ensure_loaded(slot, explicit=False)
+                finally:
+                    slot.waiting -= 1
+                    self._waiting -= 1
+            assert worker is not None
+            slot.last_used = self._clock()
+            yield worker
+        finally:
+            slot.in_flight -= 1
+            self._in_flight -= 1
+            slot.last_used = self._clock()
+            if slot.in_flight == 0:
+                self._state_changed()
+
+    async def load(self, slot: Slot) -> WorkerHandle:
+        """An explicit load (POST /models/load): like a request, but ignores the backoff."""
+        if self._draining:
+            raise PoolError(ErrorKind.UNAVAILABLE, "modelherd is shutting down; retry shortly")
+        return await self._ensure_loaded(slot, explicit=True)
+
+    def start_load(self, slot: Slot) -> None:
+        """Load in the background; the outcome shows in the slot's status."""
+        task = asyncio.create_task(self.load(slot), name=f"load-request:{slot.entry.name}")
+        self._own(task)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def unload(self, name: str) -> None:
+        await self._unload(self._require(name), None)
+
+    def _require(self, name: str) -> Slot:
+        slot = self.slot(name)
+        if slot is None:
+            raise PoolError(ErrorKind.NOT_FOUND, f"model {name!r} not found")
+        return slot
+
+    # ---- loading ----------------------------------------------------------------
+
+    async def _ensure_loaded(self, slot: Slot, explicit: bool) -> WorkerHandle:
+        worker = slot.worker
+        if slot.status is ModelStatus.LOADED and worker is not None and worker.alive:
+            return worker
+        task = slot.load_task
+        if task is None or task.done():
+            if not explicit and slot.status is ModelStatus.FAILED and slot.retry_at > self._clock():
+                left = slot.retry_at - self._clock()
+                reason = slot.failure.message if slot.failure else "unknown"
+                raise PoolError(ErrorKind.LOAD_FAILED,
+                                f"model {slot.entry.name!r} failed to load {slot.failures} time(s) in a "
+                                f"row; next attempt in {left:.0f} s. Last error: {reason}",
+                                retry_after=math.ceil(left))
+            task = await self._admission(slot)
+        return await self._join_load(slot, task)
+
+    async def _admission(self, slot: Slot) -> asyncio.Task[WorkerHandle]:
+        """Wait in the FIFO until `plan` admits the model; the load it started."""
+        if slot.estimate is None:
+            slot.estimate = await self._estimate(slot)
         if slot.load_task is not None and not slot.load_task.done():
-            return slot.load_task
-        slot.load_task = asyncio.create_task(self._load(slot), name=f"load:{slot.entry.name}")
-        # The result is awaited by requests; this keeps an unobserved failure from warning.
-        slot.load_task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        return slot.load_task
+            return slot.load_task  # admitted while we estimated
+        fut = slot.admission
+        if fut is None:
+            fut = asyncio.get_running_loop().create_future()
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+            slot.admission = fut
+            self._queue.append(slot)
+            self._pump()
+        if fut.done():  # admitted, or refused, on the spot
+            return fut.result()
+        slot.admission_waiters += 1
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if fut.cancelled() and not (current and current.cancelling()):
+                why = "modelherd is shutting down" if self._closed else "it was unloaded"
+                raise PoolError(ErrorKind.UNAVAILABLE,
+                                f"model {slot.entry.name!r} was waiting to load and {why}") from None
+            raise
+        finally:
+            slot.admission_waiters -= 1
+            if slot.admission_waiters == 0 and slot.admission is fut and not fut.done():
+                # The last one waiting left (a client disconnected): nobody needs the load.
+                log.info("model %s left the load queue: nobody waits for it any more", slot.entry.name)
+                self._dequeue(slot)
+                self._pump()
 
-    async def wait_loaded(self, slot: Slot) -> WorkerProcess:
-        """Start (or join) the slot's load and wait for it; PoolError if it cannot be had."""
-        task = self.start_load(slot)
+    async def _estimate(self, slot: Slot) -> Estimate:
+        fut = self._estimates.get(slot.entry.name)
+        if fut is None:  # one file read however many requests ask at once
+            fut = asyncio.ensure_future(asyncio.to_thread(self._estimator, slot.entry.worker))
+            self._estimates[slot.entry.name] = fut
+        return await asyncio.shield(fut)
+
+    def _dequeue(self, slot: Slot) -> None:
+        if slot.admission is not None and not slot.admission.done():
+            slot.admission.cancel()
+        slot.admission = None
+        slot.wait_reason = None
+        if slot in self._queue:
+            self._queue.remove(slot)
+
+    async def _join_load(self, slot: Slot, task: asyncio.Task[WorkerHandle]) -> WorkerHandle:
         try:
             worker = await asyncio.shield(task)
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if task.cancelled() and not (current and current.cancelling()):
+                why = "modelherd is shutting down" if self._closed else "it was unloaded"
                 raise PoolError(ErrorKind.UNAVAILABLE,
-                                f"model {slot.entry.name!r} was unloaded while it was loading") from None
+                                f"model {slot.entry.name!r} was loading and {why}") from None
             raise
         if not worker.alive:  # it ended between its load and this request's turn
             raise PoolError(*worker.gone_error())
         return worker
 
-    async def _load(self, slot: Slot) -> WorkerProcess:
-        async with slot.lock:
-            if slot.status is ModelStatus.LOADED and slot.worker is not None and slot.worker.alive:
-                return slot.worker
-            return await self._spawn_and_start(slot)
+    # ---- the decisions ------------------------------------------------------------
 
-    async def _spawn_and_start(self, slot: Slot) -> WorkerProcess:
+    def _pump(self) -> None:
+        """Admit queued models, head first, while `plan` allows; strictly FIFO."""
+        while self._queue and not self._closed:
+            slot = self._queue[0]
+            fut = slot.admission
+            if fut is None or fut.done():
+                self._queue.pop(0)
+                continue
+            if slot.status is ModelStatus.UNLOADING:  # its old worker is still on the way out
+                return
+            available = self._available()
+            decision = plan(slot.need, self._holders(slot), self.settings.max_models, available)
+            if isinstance(decision, Wait):
+                if slot.wait_reason != decision.reason:
+                    log.info("model %s waits to load: %s", slot.entry.name, decision.reason)
+                slot.wait_reason = decision.reason
+                return
+            self._queue.pop(0)
+            slot.admission = None
+            slot.wait_reason = None
+            if isinstance(decision, Refuse):
+                fut.set_exception(self._refusal(slot, decision, available))
+                continue
+            assert isinstance(decision, Admit)
+            evictions = [self._evict(self._slots[name], slot) for name in decision.victims]
+            fut.set_result(self._begin_load(slot, evictions))
+
+    def _holders(self, exclude: Slot) -> list[Holder]:
+        holders = []
+        for s in self._slots.values():
+            if s is exclude or s.status not in _HOLDING:
+                continue
+            idle = (s.status is ModelStatus.LOADED and s.in_flight == 0 and s.worker is not None
+                    and s.worker.alive)
+            rss = self.rss(s) or 0
+            footprint = max(rss, s.need) if s.status is ModelStatus.LOADING else rss
+            holders.append(Holder(s.entry.name, idle and not s.entry.policy.pinned,
+                                  s.entry.policy.pinned, s.last_used, footprint))
+        return holders
+
+    def _available(self) -> int:
+        """Free memory minus the margin, minus what loading models have yet to take."""
+        reserved = sum(max(0, s.need - (self.rss(s) or 0))
+                       for s in self._slots.values() if s.status is ModelStatus.LOADING)
+        return self._memory.available() - self.settings.memory_margin - reserved
+
+    def _refusal(self, slot: Slot, decision: Refuse, available: int) -> PoolError:
+        name = slot.entry.name
+        if not decision.memory:
+            return PoolError(ErrorKind.UNAVAILABLE, f"model {name!r} cannot be loaded: {decision.reason}")
+        need = slot.estimate.describe() if slot.estimate else f"about {mib(slot.need)}"
+        if slot.last_rss > (slot.estimate.total if slot.estimate else 0):
+            need = f"about {mib(slot.last_rss)} (measured at its last load)"
+        margin = self.settings.memory_margin
+        message = (f"model {name!r} does not fit in memory: it needs {need}; "
+                   f"{mib(max(0, available + margin))} is available and memory_margin_mb keeps "
+                   f"{mib(margin)} free")
+        log.warning("%s", message)
+        return PoolError(ErrorKind.UNAVAILABLE, message)
+
+    def _begin_load(self, slot: Slot, evictions: list[asyncio.Task[None]]) -> asyncio.Task[WorkerHandle]:
+        slot.status = ModelStatus.LOADING  # holds its place from now, even while victims stop
+        slot.progress = 0.0
+        task = asyncio.create_task(self._load(slot, evictions), name=f"load:{slot.entry.name}")
+        slot.load_task = task
+        task.add_done_callback(self._load_finished)
+        return task
+
+    def _load_finished(self, task: asyncio.Task[WorkerHandle]) -> None:
+        if not task.cancelled():
+            task.exception()  # awaited by requests; marks a failure seen if none was waiting
+        self._state_changed()  # a failed load gave its place back
+
+    def _evict(self, victim: Slot, newcomer: Slot) -> asyncio.Task[None]:
+        victim.status = ModelStatus.UNLOADING  # from now on no request can lease it
+        log.info("evicting model %s (idle, least recently used) to make room for %s",
+                 victim.entry.name, newcomer.entry.name)
+        task = asyncio.create_task(self._stop(victim, self.settings.stop_timeout),
+                                   name=f"evict:{victim.entry.name}")
+        self._own(task)
+        return task
+
+    async def _load(self, slot: Slot, evictions: list[asyncio.Task[None]]) -> WorkerHandle:
+        try:
+            if evictions:
+                await asyncio.wait(evictions)  # wait, not gather: a cancelled load lets them finish
+            async with slot.lock:
+                return await self._spawn_and_start(slot)
+        except asyncio.CancelledError:
+            if slot.worker is None:
+                slot.status = ModelStatus.UNLOADED
+            raise
+
+    async def _spawn_and_start(self, slot: Slot) -> WorkerHandle:
         name = slot.entry.name
         slot.status = ModelStatus.LOADING
-        slot.progress = 0.0
-        worker = WorkerProcess(slot.entry.worker, self._bridge, self._log_level,
-                               lambda stage, v: self._on_progress(slot, v),
-                               lambda w: self._on_exit(slot, w))
+        worker = self._launch(slot.entry, lambda stage, v: self._on_progress(slot, v),
+                              lambda w: self._on_exit(slot, w))
         slot.worker = worker
         self._workers.add(worker)
-        started = time.monotonic()
+        started = self._clock()
         try:
-            info = await worker.start(self._load_timeout)
+            info = await worker.start(self.settings.load_timeout)
         except WorkerStartError as exc:
             slot.worker = None
-            slot.status = ModelStatus.FAILED
-            slot.failure = Failure(exc.message, worker.exit_code, list(worker.log_tail), time.time())
-            raise PoolError(ErrorKind.LOAD_FAILED, f"model {name!r} failed to load: {exc.message}") from exc
+            self._fail(slot, Failure(exc.message, worker.exit_code, list(worker.log_tail), time.time()),
+                       load=True)
+            raise PoolError(ErrorKind.LOAD_FAILED, f"model {name!r} failed to load: {exc.message}",
+                            retry_after=math.ceil(slot.retry_at - self._clock())) from exc
         except asyncio.CancelledError:
             # The stop must finish even if this task is cancelled again meanwhile,
             # or the worker would outlive everything that knows about it.
             stopper = asyncio.create_task(worker.stop(grace=0), name=f"stop:{name}")
-            self._stoppers.add(stopper)
-            stopper.add_done_callback(self._stoppers.discard)
+            self._own(stopper)
             slot.worker = None
             slot.status = ModelStatus.UNLOADED
             await asyncio.shield(stopper)
@@ -145,73 +473,106 @@ class Pool:
         slot.info = info
         slot.status = ModelStatus.LOADED
         slot.failure = None
-        slot.last_used = time.monotonic()
-        log.info("model %s loaded in %.2f s (pid %s)", name, time.monotonic() - started, worker.pid)
+        slot.failures = 0
+        slot.retry_at = 0.0
+        slot.last_used = self._clock()
+        slot.last_rss = self.rss(slot) or 0
+        log.info("model %s loaded in %.2f s (pid %s, %d MiB)", name, self._clock() - started,
+                 worker.pid, slot.last_rss // MIB)
         return worker
+
+    def _fail(self, slot: Slot, failure: Failure, load: bool) -> None:
+        slot.status = ModelStatus.FAILED
+        slot.failure = failure
+        if load:  # a model that cannot load backs off instead of respawning per request
+            slot.failures += 1
+            delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (slot.failures - 1))
+            slot.retry_at = self._clock() + delay
+            log.error("model %s failed to load (%d in a row; automatic retries paused for %.0f s): %s",
+                      slot.entry.name, slot.failures, delay, failure.message)
 
     def _on_progress(self, slot: Slot, value: float) -> None:
         slot.progress = value
 
-    def _on_exit(self, slot: Slot, worker: WorkerProcess) -> None:
+    def _on_exit(self, slot: Slot, worker: WorkerHandle) -> None:
         self._workers.discard(worker)
-        failed = self._bridge.fail_streams(worker.identity, *worker.gone_error())
+        self._state_changed()
         if slot.worker is not worker or slot.status is ModelStatus.LOADING:
             return  # a replaced worker, or a load in progress: the load task reports the outcome
         slot.worker = None
         slot.info = None
         if worker.stopping:
-            slot.status = ModelStatus.UNLOADED
+            if slot.status is not ModelStatus.UNLOADING:
+                slot.status = ModelStatus.UNLOADED
             return
-        slot.status = ModelStatus.FAILED
-        slot.failure = Failure(f"worker exited unexpectedly ({worker.describe_exit()})",
-                               worker.exit_code, list(worker.log_tail), time.time())
-        log.error("model %s failed: %s; %d request(s) aborted", slot.entry.name,
-                  slot.failure.message, failed)
+        self._fail(slot, Failure(f"worker exited unexpectedly ({worker.describe_exit()})",
+                                 worker.exit_code, list(worker.log_tail), time.time()), load=False)
+        log.error("model %s failed: %s", slot.entry.name, slot.failure.message if slot.failure else "")
 
-    # ---- serving ---------------------------------------------------------------
+    # ---- stopping ---------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def lease(self, name: str, autoload: bool) -> AsyncIterator[WorkerProcess]:
-        """A loaded worker for `name`, counted in flight while the caller holds it."""
-        slot = self.slot(name)
-        if slot is None:
-            raise PoolError(ErrorKind.NOT_FOUND, f"model {name!r} not found")
-        slot.in_flight += 1
-        try:
-            worker = slot.worker
-            if slot.status is not ModelStatus.LOADED or worker is None or not worker.alive:
-                if not autoload and slot.status is not ModelStatus.LOADING:
-                    raise PoolError(ErrorKind.MODEL_NOT_LOADED,
-                                    f"model {slot.entry.name!r} is not loaded and autoload is off; "
-                                    "load it with POST /models/load")
-                worker = await self.wait_loaded(slot)
-            slot.last_used = time.monotonic()
-            yield worker
-        finally:
-            slot.in_flight -= 1
-            slot.last_used = time.monotonic()
-
-    async def unload(self, name: str) -> None:
-        slot = self.slot(name)
-        if slot is None:
-            raise PoolError(ErrorKind.NOT_FOUND, f"model {name!r} not found")
+    async def _unload(self, slot: Slot, grace: float | None) -> None:
+        self._dequeue(slot)
         task = slot.load_task
         if task is not None and not task.done():
             if not task.cancelling():  # concurrent unloads cancel a load once, then all wait
                 task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        slot.failures = 0  # an operator's unload clears the backoff
+        slot.retry_at = 0.0
+        await self._stop(slot, self.settings.stop_timeout if grace is None else grace)
+
+    async def _stop(self, slot: Slot, grace: float) -> None:
         async with slot.lock:
             worker = slot.worker
             if worker is not None:
                 slot.status = ModelStatus.UNLOADING
-                await worker.stop(self._stop_timeout)
+                await worker.stop(grace)
                 if slot.worker is worker:
                     slot.worker = None
-            slot.status = ModelStatus.UNLOADED
+            if slot.load_task is None or slot.load_task.done():
+                slot.status = ModelStatus.UNLOADED
             slot.info = None
+        self._state_changed()
 
-    async def close(self) -> None:
-        await asyncio.gather(*(self.unload(s.entry.name) for s in self._slots.values()),
-                             return_exceptions=True)
-        # Whatever a race left behind is stopped too: no worker outlives the pool.
-        await asyncio.gather(*(w.stop(grace=0) for w in list(self._workers)), return_exceptions=True)
+    # ---- time -------------------------------------------------------------------
+
+    def reap_idle(self, now: float) -> float | None:
+        """Unload models idle past their ttl; when the next one falls due (None: never)."""
+        due: float | None = None
+        for slot in self._slots.values():
+            ttl = slot.entry.policy.ttl
+            if (ttl <= 0 or slot.entry.policy.pinned or slot.status is not ModelStatus.LOADED
+                    or slot.in_flight or slot.admission is not None):
+                continue
+            expiry = slot.last_used + ttl
+            if expiry > now:
+                due = expiry if due is None else min(due, expiry)
+                continue
+            slot.status = ModelStatus.UNLOADING
+            log.info("unloading model %s: idle for %.0f s (ttl %g s)", slot.entry.name,
+                     now - slot.last_used, ttl)
+            self._own(asyncio.create_task(self._stop(slot, self.settings.stop_timeout),
+                                          name=f"idle-unload:{slot.entry.name}"))
+        return due
+
+    async def _janitor_loop(self) -> None:
+        while True:
+            self._changed.clear()
+            now = self._clock()
+            due = self.reap_idle(now)
+            if self._queue:
+                self._pump()
+                due = min(due or math.inf, now + REPLAN_S)
+            timeout = None if due is None else max(0.0, due - now)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout)
+
+    def _state_changed(self) -> None:
+        """A model became idle, or a place or memory was freed: re-plan, re-time."""
+        self._pump()
+        self._changed.set()
+
+    def _own(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -17,8 +17,7 @@ from protocol.errors import ErrorKind, param_of, sse_error_event
 from protocol.messages import BodyChunk, Cancel, Endpoint, Request, ResponseEnd, ResponseError, ResponseHead
 from router.bridge import Bridge, Item, PeerUnreachable
 from router.errors import HTTPError, send_error
-from router.pool import Pool, PoolError
-from router.supervisor import WorkerProcess
+from router.pool import Pool, PoolError, WorkerHandle
 
 log = logging.getLogger("modelherd.proxy")
 
@@ -28,8 +27,6 @@ _SSE_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
-# Put on a request's queue by the disconnect watcher; never sent by a worker.
-_CLIENT_GONE: Item = (ResponseEnd(-1), None)
 
 
 class _Routed(msgspec.Struct):
@@ -59,15 +56,33 @@ class OpenAIRoute:
         try:
             body = await read_body(scope, receive, self._max_body)
             routed = parse_routed(self._routed, body)
+        except HTTPError as exc:
+            await send_error(send, exc.kind, exc.message, exc.param)
+            return
+        except ClientGone:
+            return
+        # From here on a disconnect cancels this task, wherever it waits: in the queue
+        # for its model (leaving it, so nothing else is affected) or mid-generation
+        # (relay's cleanup then tells the worker to stop).
+        handler = asyncio.current_task()
+        assert handler is not None
+        gone = asyncio.Event()
+        watcher = asyncio.create_task(_watch_disconnect(receive, handler, gone),
+                                      name=f"disconnect-watch:{id(scope)}")
+        try:
             async with self._pool.lease(routed.model, self._autoload) as worker:
-                await relay(self._bridge, worker, self._endpoint, body, receive, send)
+                await relay(self._bridge, worker, self._endpoint, body, send)
         except HTTPError as exc:
             await send_error(send, exc.kind, exc.message, exc.param)
         except PoolError as exc:
             await send_error(send, exc.kind, exc.message,
-                             "model" if exc.kind is ErrorKind.NOT_FOUND else None)
-        except ClientGone:
-            pass
+                             "model" if exc.kind is ErrorKind.NOT_FOUND else None, exc.retry_after)
+        except asyncio.CancelledError:
+            if not gone.is_set():
+                raise
+            handler.uncancel()  # our own cancellation: the client left, nothing to answer
+        finally:
+            watcher.cancel()
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
@@ -105,38 +120,34 @@ def parse_routed(decoder: msgspec.json.Decoder[_Routed], body: bytes) -> _Routed
     return routed
 
 
-async def relay(bridge: Bridge, worker: WorkerProcess, endpoint: Endpoint, body: bytes,
-                receive: Receive, send: Send) -> None:
+async def relay(bridge: Bridge, worker: WorkerHandle, endpoint: Endpoint, body: bytes, send: Send) -> None:
     identity = worker.identity
     req_id, queue = bridge.open_stream(identity)
-    watcher = asyncio.create_task(_watch_disconnect(receive, queue), name=f"disconnect-watch:{req_id}")
     finished = False
     try:
         try:
             bridge.send(identity, Request(req_id, endpoint), body)
         except PeerUnreachable as exc:
             raise HTTPError(*worker.gone_error()) from exc
-        finished = await _pump(queue, send)
+        await _pump(queue, send)
+        finished = True
     finally:
-        watcher.cancel()
         bridge.close_stream(req_id)
-        if not finished:
+        if not finished:  # the client left (or this task was cancelled): stop generating
             try:
                 bridge.send(identity, Cancel(req_id))
             except PeerUnreachable:
                 pass
 
 
-async def _pump(queue: asyncio.Queue[Item], send: Send) -> bool:
-    """Relay one response; True when the worker finished it, False if the client left."""
+async def _pump(queue: asyncio.Queue[Item], send: Send) -> None:
+    """Relay one response until the worker ends it."""
     head: ResponseHead | None = None
     buffered: list[bytes] = []
     held: Item | None = None
     while True:
         item = held or await queue.get()
         held = None
-        if item is _CLIENT_GONE:
-            return False
         msg, payload = item
         if isinstance(msg, BodyChunk):
             if head is None or head.content_type != SSE:
@@ -146,7 +157,7 @@ async def _pump(queue: asyncio.Queue[Item], send: Send) -> bool:
             parts = [payload or b""]
             while not queue.empty():
                 nxt = queue.get_nowait()
-                if nxt is _CLIENT_GONE or not isinstance(nxt[0], BodyChunk):
+                if not isinstance(nxt[0], BodyChunk):
                     held = nxt
                     break
                 parts.append(nxt[1] or b"")
@@ -157,7 +168,7 @@ async def _pump(queue: asyncio.Queue[Item], send: Send) -> bool:
                 await send({"type": "http.response.start", "status": msg.status, "headers": _SSE_HEADERS})
         elif isinstance(msg, ResponseEnd):
             await _finish(send, head, buffered)
-            return True
+            return
         elif isinstance(msg, ResponseError):
             if head is None:
                 await send_error(send, msg.kind, msg.message, msg.param)
@@ -165,7 +176,7 @@ async def _pump(queue: asyncio.Queue[Item], send: Send) -> bool:
                 await send({"type": "http.response.body", "body": sse_error_event(msg.kind, msg.message)})
             else:
                 await send_error(send, msg.kind, msg.message)
-            return True
+            return
 
 
 async def _finish(send: Send, head: ResponseHead | None, buffered: list[bytes]) -> None:
@@ -182,7 +193,8 @@ async def _finish(send: Send, head: ResponseHead | None, buffered: list[bytes]) 
         await send({"type": "http.response.body", "body": body})
 
 
-async def _watch_disconnect(receive: Receive, queue: asyncio.Queue[Item]) -> None:
+async def _watch_disconnect(receive: Receive, handler: asyncio.Task[object], gone: asyncio.Event) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
-    queue.put_nowait(_CLIENT_GONE)
+    gone.set()
+    handler.cancel()

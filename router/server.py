@@ -5,24 +5,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 
 import psutil
 import uvicorn
 import zmq
 
+from protocol.errors import ErrorKind
+from router.admission import MIB
 from router.app import build_app
 from router.bridge import Bridge
-from router.catalog import Catalog
+from router.catalog import Catalog, ModelEntry
 from router.config import Settings
-from router.pool import Pool
+from router.footprint import SystemMemory, estimate
+from router.pool import Pool, PoolSettings, ProgressFn, WorkerHandle
+from router.supervisor import WorkerProcess
 
 log = logging.getLogger("modelherd")
 
@@ -41,9 +46,22 @@ IPC_BASE_MAX = 80  # leaves room for "/modelherd-XXXXXXXX/router.sock"
 
 
 class _Server(uvicorn.Server):
-    """uvicorn re-raises a caught SIGTERM after shutdown, so the process would die by
-    signal; a daemon that drained cleanly should exit 0. Our handlers only set
-    uvicorn's flags: the first asks for a graceful stop, a second forces it."""
+    """Drains before it stops. The first SIGTERM/SIGINT starts a drain: the port stays
+    open and new requests get a 503 while those in flight finish, up to stop_timeout;
+    then uvicorn shuts down and the workers are stopped. A second signal cuts the drain
+    and the workers' grace short. The handlers only set flags; `on_tick` (uvicorn's
+    100 ms loop) acts on them.
+
+    uvicorn would re-raise a caught SIGTERM after shutdown, so the process would die by
+    signal; a daemon that drained cleanly exits 0 instead."""
+
+    def __init__(self, config: uvicorn.Config, pool: Pool, bridge: Bridge, drain_timeout: float) -> None:
+        super().__init__(config)
+        self._pool = pool
+        self._bridge = bridge
+        self._drain_timeout = drain_timeout
+        self._signals = 0
+        self._drain_deadline: float | None = None
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -56,6 +74,34 @@ class _Server(uvicorn.Server):
         finally:
             for sig in sigs:
                 loop.remove_signal_handler(sig)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._signals += 1
+
+    async def on_tick(self, counter: int) -> bool:
+        if await super().on_tick(counter):
+            return True
+        if not self._signals:
+            return False
+        now = time.monotonic()
+        if self._drain_deadline is None:
+            self._pool.begin_drain(self._drain_timeout)
+            self._drain_deadline = now + self._drain_timeout
+            log.info("draining: refusing new requests, waiting up to %g s for those in flight",
+                     self._drain_timeout)
+        if self._pool.idle:
+            log.info("drained: no request in flight")
+            return True
+        if self._signals > 1:
+            log.warning("second signal: stopping now, with requests still in flight")
+        elif now >= self._drain_deadline:
+            log.warning("drain timeout: stopping with requests still in flight")
+        else:
+            return False
+        # What is still running ends with an error the client can read, not a cut connection.
+        self._pool.cut_drain()
+        self._bridge.fail_streams(None, ErrorKind.UNAVAILABLE, "modelherd is shutting down; retry")
+        return True
 
 
 def clean_stale_runtime_dirs(base: Path) -> list[Path]:
@@ -106,14 +152,29 @@ async def _serve(settings: Settings, catalog: Catalog) -> int:
     try:
         bridge = Bridge(ctx, f"ipc://{runtime}/router.sock")
         server = settings.server
-        pool = Pool(catalog, bridge, server.log_level, server.load_timeout, server.stop_timeout)
+
+        def launch(entry: ModelEntry, on_progress: ProgressFn,
+                   on_exit: Callable[[WorkerHandle], None]) -> WorkerHandle:
+            return WorkerProcess(entry.worker, bridge, server.log_level, on_progress, on_exit)
+
+        pool = Pool(catalog, PoolSettings(
+            max_models=server.max_models, max_waiting=server.max_waiting,
+            memory_margin=server.memory_margin_mb * MIB, load_timeout=server.load_timeout,
+            stop_timeout=server.stop_timeout), launch, SystemMemory(), estimate)
         app = build_app(settings, pool, bridge)
         config = uvicorn.Config(
             app, host=server.host, port=server.port, log_level=server.log_level,
-            lifespan="on", timeout_graceful_shutdown=max(1, math.ceil(server.stop_timeout)),
+            # The drain already waited for requests in flight; this is for stragglers.
+            lifespan="on", timeout_graceful_shutdown=1,
             access_log=server.log_level == "debug", server_header=False,
         )
-        await _Server(config).serve()
+        uv = _Server(config, pool, bridge, server.stop_timeout)
+        try:
+            await uv.serve()
+        finally:
+            # After a forced exit uvicorn skips the lifespan shutdown: stop the workers here.
+            await pool.close(grace=0)
+            await bridge.close()
         return 0
     finally:
         ctx.destroy(linger=0)

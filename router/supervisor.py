@@ -212,8 +212,10 @@ class WorkerProcess:
             self._lifeline = None
         self._bridge.remove_peer(self.identity)
         self._exited.set()
+        aborted = self._bridge.fail_streams(self.identity, *self.gone_error())
         log.log(logging.INFO if self._stopping else logging.ERROR,
-                "worker %s (pid %s) exited: %s", self.config.name, self._proc.pid, self.describe_exit())
+                "worker %s (pid %s) exited: %s%s", self.config.name, self._proc.pid, self.describe_exit(),
+                f"; {aborted} request(s) aborted" if aborted else "")
         self._on_exit(self)
 
     def gone_error(self) -> tuple[ErrorKind, str]:
@@ -261,6 +263,8 @@ class WorkerProcess:
         for sig, wait in ((signal.SIGTERM, TERM_GRACE_S), (signal.SIGKILL, TERM_GRACE_S)):
             log.warning("worker %s: sending %s", self.config.name, sig.name)
             self._signal_group(sig)
+            if sig is signal.SIGTERM:
+                self._signal_group(signal.SIGCONT)  # a stopped (SIGSTOP) worker must run to die
             if await self._wait_exit(wait):
                 return
         log.error("worker %s (pid %s) survived SIGKILL", self.config.name, self.pid)

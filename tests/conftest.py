@@ -15,9 +15,6 @@ from tests.tinymodels import write_tiny_gguf
 settings.register_profile("modelherd", deadline=None, derandomize=True)
 settings.load_profile("modelherd")
 
-# Token ids 0 and 2 are <|endoftext|> and <|im_end|> in the tiny vocabulary: biasing
-# them away makes a random model generate exactly max_tokens.
-NO_EOS = {"0": -100, "2": -100}
 
 
 @pytest.fixture(scope="session")

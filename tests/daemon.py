@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -13,6 +15,10 @@ from pathlib import Path
 
 import httpx
 import psutil
+
+# Token ids 0 and 2 are <|endoftext|> and <|im_end|> in the tiny vocabulary: biasing
+# them away makes a random model generate exactly max_tokens.
+NO_EOS = {"0": -100, "2": -100}
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -143,3 +149,35 @@ class Daemon:
             r = c.post("/models/load", json={"model": model, "wait": True}, headers=headers)
             assert r.status_code == 200, r.text
             return r.json()["model"]  # type: ignore[no-any-return]
+
+
+def stream_request(port: int, model: str, max_tokens: int = 8000) -> bytes:
+    """A raw streaming chat request that generates exactly `max_tokens` tokens."""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "go"}],
+                       "max_tokens": max_tokens, "stream": True, "logit_bias": NO_EOS}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    return head + body
+
+
+def open_stream(port: int, model: str, events: int = 3,
+                max_tokens: int = 8000) -> tuple[socket.socket, bytes]:
+    """Start a raw streaming request and read until `events` data lines arrived."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    sock.sendall(stream_request(port, model, max_tokens))
+    received = b""
+    while received.count(b"data: ") < events:
+        chunk = sock.recv(65536)
+        assert chunk, received
+        received += chunk
+    return sock, received
+
+
+def read_to_end(sock: socket.socket, received: bytes = b"") -> bytes:
+    """Read until the server closes or the SSE stream's terminating chunk arrives."""
+    while not received.endswith(b"0\r\n\r\n"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        received += chunk
+    return received

@@ -74,7 +74,7 @@ def test_unload_during_load_answers_waiters_503_and_leaves_no_process(faults: Da
     assert not t.is_alive(), "the request never returned"
     r = result["r"]
     assert r.status_code == 503, r.text
-    assert "unloaded while it was loading" in r.json()["error"]["message"]
+    assert "was loading and it was unloaded" in r.json()["error"]["message"]
     assert r.headers["retry-after"]
     assert faults.models()["slowload"]["status"]["value"] == "unloaded"  # type: ignore[index]
     assert faults.models()["slowload"]["pid"] is None
@@ -141,7 +141,8 @@ def test_unload_during_non_stream_request_is_503(faults: Daemon) -> None:
     assert result["r"].json()["error"]["code"] == "unavailable"
 
 
-def test_load_failure_message_reaches_the_client(tmp_path: Path, isolated_env: dict[str, str]) -> None:
+def test_load_failure_message_reaches_the_client_and_a_crash_loop_backs_off(
+        tmp_path: Path, isolated_env: dict[str, str]) -> None:
     (tmp_path / "m.bin").write_bytes(b"x")
     (tmp_path / "c.toml").write_text(f'[models.bad]\nsource = "{tmp_path}/m.bin"\nbackend = "scripted"\n'
                                      'options = { fail_load = "weights are corrupt" }\n')
@@ -149,14 +150,26 @@ def test_load_failure_message_reaches_the_client(tmp_path: Path, isolated_env: d
         r = c.post("/v1/completions", json={"model": "bad", "prompt": "x"})
         assert r.status_code == 503
         assert "weights are corrupt" in r.json()["error"]["message"]
+        assert r.headers["retry-after"] == "5"  # the backoff after a first failure
         status = d.models()["bad"]["status"]
         assert status["value"] == "failed"  # type: ignore[index]
         assert "weights are corrupt" in status["message"]  # type: ignore[index]
         assert any("weights are corrupt" in line for line in status["log_tail"])  # type: ignore[index]
-        # The management route renders the same error, Retry-After included.
+        assert 0 < status["retry_in"] <= 5 and status["load_failures"] == 1  # type: ignore[index]
+        # Within the backoff a request is answered from the recorded failure: no new worker.
+        r = c.post("/v1/completions", json={"model": "bad", "prompt": "x"})
+        assert r.status_code == 503
+        message = r.json()["error"]["message"]
+        assert "failed to load 1 time(s) in a row; next attempt in" in message
+        assert "weights are corrupt" in message
+        assert 1 <= int(r.headers["retry-after"]) <= 5
+        assert d.models()["bad"]["status"]["load_failures"] == 1  # type: ignore[index]
+        # An operator's explicit load tries again at once, and the backoff doubles.
         r = c.post("/models/load", json={"model": "bad", "wait": True})
-        assert r.status_code == 503 and r.headers["retry-after"] == "5"
+        assert r.status_code == 503 and r.headers["retry-after"] == "10"
         assert "weights are corrupt" in r.json()["error"]["message"]
+        assert d.models()["bad"]["status"]["load_failures"] == 2  # type: ignore[index]
+        d.wait_for_log(r"model bad failed to load \(2 in a row; automatic retries paused for 10 s\)")
 
 
 def test_worker_crash_during_non_stream_request_is_502_and_next_request_respawns(faults: Daemon) -> None:

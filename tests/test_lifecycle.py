@@ -13,31 +13,16 @@ from pathlib import Path
 
 import psutil
 
-from tests.conftest import NO_EOS
-from tests.daemon import Daemon
+from tests.daemon import NO_EOS, Daemon, open_stream
 
 LONG = "org/tiny-long"  # n_ctx 8192: room for a generation that outlives the test's actions
-
-
-def _long_stream_request(port: int, max_tokens: int = 8000) -> bytes:
-    body = json.dumps({"model": LONG, "messages": [{"role": "user", "content": "go"}],
-                       "max_tokens": max_tokens, "stream": True, "logit_bias": NO_EOS}).encode()
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
-    return head + body
 
 
 def test_client_disconnect_cancels_generation(daemon: Daemon) -> None:
     pid = daemon.load(LONG)["pid"]
     assert isinstance(pid, int)
     mark = daemon.mark()
-    sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=30)
-    sock.sendall(_long_stream_request(daemon.port))
-    received = b""
-    while received.count(b"data: ") < 3:
-        chunk = sock.recv(65536)
-        assert chunk, received
-        received += chunk
+    sock, _ = open_stream(daemon.port, LONG)
     # Freeze the worker so generation cannot finish on its own while the client leaves.
     os.kill(pid, signal.SIGSTOP)
     try:

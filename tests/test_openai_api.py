@@ -15,8 +15,7 @@ import openai
 import psutil
 import pytest
 
-from tests.conftest import NO_EOS
-from tests.daemon import Daemon
+from tests.daemon import NO_EOS, Daemon
 
 
 @pytest.fixture

@@ -31,12 +31,11 @@ from llama_cpp._internals import LlamaModel
 from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
 from protocol.errors import ErrorKind
-from protocol.messages import BACKEND_OPTIONS, ModelInfo, WorkerConfig
+from protocol.messages import AUTO_N_CTX_CAP, BACKEND_OPTIONS, ModelInfo, WorkerConfig
 from worker.backend import Embeddings, Finish, Generation, GenParams, ProgressFn
 from worker.schema import RequestInvalid
 from worker.stops import split_at_stop
 
-AUTO_N_CTX_CAP = 4096
 _OPTION_KEYS = BACKEND_OPTIONS["llama_cpp"]
 
 

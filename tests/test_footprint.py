@@ -1,0 +1,69 @@
+"""Memory estimates from GGUF headers, and free memory as the cgroup limits it."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import gguf
+import psutil
+
+from protocol.messages import WorkerConfig
+from router.footprint import WORKER_OVERHEAD, SystemMemory, estimate, read_gguf_numbers
+from tests.tinymodels import TinyShape
+
+SHAPE = TinyShape()
+HEAD_DIM = SHAPE.n_embd // SHAPE.n_head
+
+
+def test_header_reader_agrees_with_the_gguf_package(models_dir: Path) -> None:
+    path = models_dir / "tiny-a.gguf"
+    ours = read_gguf_numbers(path)
+    reader = gguf.GGUFReader(path)
+    for key in ("llama.block_count", "llama.context_length", "llama.embedding_length",
+                "llama.attention.head_count", "llama.attention.head_count_kv"):
+        field = reader.fields[key]
+        assert ours[key] == int(field.parts[field.data[0]][0]), key
+    assert ours["general.architecture"] == "llama"
+
+
+def test_estimate_is_weights_plus_kv_cache_plus_process(models_dir: Path) -> None:
+    path = models_dir / "tiny-a.gguf"
+    est = estimate(WorkerConfig("a", str(path), n_ctx=1024))
+    kv_f16 = SHAPE.n_layer * 1024 * SHAPE.n_head_kv * 2 * HEAD_DIM * 2
+    assert (est.weights, est.kv_cache, est.overhead) == (path.stat().st_size, kv_f16, WORKER_OVERHEAD)
+    # n_ctx 0 is the trained context (capped), as the worker loads it.
+    auto = estimate(WorkerConfig("a", str(path)))
+    assert auto.kv_cache == kv_f16 * SHAPE.n_ctx_train // 1024
+    # A q8_0 cache (ggml type 8) takes 34 bytes per 32 elements instead of 64.
+    q8 = estimate(WorkerConfig("a", str(path), n_ctx=1024, options={"type_k": 8, "type_v": 8}))
+    assert q8.kv_cache == kv_f16 * 34 // 64
+
+
+def test_split_models_and_projectors_count_every_file(models_dir: Path, tmp_path: Path) -> None:
+    src = models_dir / "tiny-a.gguf"
+    for i in (1, 2, 3):
+        shutil.copy(src, tmp_path / f"m-{i:05d}-of-00003.gguf")
+    (tmp_path / "mmproj.gguf").write_bytes(b"x" * 1000)
+    est = estimate(WorkerConfig("m", str(tmp_path / "m-00001-of-00003.gguf"),
+                                mmproj=str(tmp_path / "mmproj.gguf")))
+    assert est.weights == 3 * src.stat().st_size + 1000
+
+
+def test_a_file_that_is_not_gguf_still_gets_an_estimate(tmp_path: Path) -> None:
+    (tmp_path / "bad.gguf").write_bytes(b"nonsense" * 10)
+    est = estimate(WorkerConfig("bad", str(tmp_path / "bad.gguf")))
+    assert (est.weights, est.kv_cache) == (80, 0)
+
+
+def test_the_cgroup_limit_caps_available_memory(tmp_path: Path) -> None:
+    group = tmp_path / "system.slice" / "modelherd.service"
+    group.mkdir(parents=True)
+    own = tmp_path / "cgroup"
+    own.write_text("0::/system.slice/modelherd.service\n")
+    (group / "memory.max").write_text("1073741824\n")
+    (group / "memory.current").write_text("268435456\n")
+    assert SystemMemory(tmp_path, own).available() == 768 * 1024 * 1024
+    (group / "memory.max").write_text("max\n")  # no limit: the system's figure stands
+    system = psutil.virtual_memory().available
+    assert abs(SystemMemory(tmp_path, own).available() - system) < 256 * 1024 * 1024
