@@ -17,8 +17,9 @@ from starlette.routing import Route
 
 from protocol.errors import ErrorKind, param_of
 from router.errors import HTTPError, error_response
-from router.pool import ModelStatus, Pool, PoolError, Slot
+from router.pool import Pool
 from router.proxy import ClientGone, read_body
+from router.slots import ModelStatus, PoolError, Slot
 
 MAX_MANAGEMENT_BODY = 64 * 1024
 

@@ -12,19 +12,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from protocol.errors import ErrorKind
-from protocol.messages import ModelInfo, WorkerConfig
+from protocol.messages import WorkerConfig
 from router.admission import MIB, Admit, Holder, Refuse, Wait, plan
-from router.catalog import Catalog, ModelEntry
+from router.catalog import Catalog
 from router.footprint import Estimate, mib
+from router.slots import (
+    HOLDING,
+    Failure,
+    Launcher,
+    Memory,
+    ModelStatus,
+    PoolError,
+    PoolSettings,
+    Slot,
+    WorkerHandle,
+)
 from router.supervisor import WorkerStartError
 
 log = logging.getLogger("modelherd.pool")
@@ -32,97 +41,6 @@ log = logging.getLogger("modelherd.pool")
 BACKOFF_FIRST_S = 5.0  # after a failed load; doubles per consecutive failure
 BACKOFF_MAX_S = 300.0
 REPLAN_S = 1.0  # while models wait, memory freed by other programs is noticed this often
-
-
-class ModelStatus(enum.Enum):
-    UNLOADED = "unloaded"
-    LOADING = "loading"
-    LOADED = "loaded"
-    UNLOADING = "unloading"
-    FAILED = "failed"
-
-
-_HOLDING = (ModelStatus.LOADING, ModelStatus.LOADED, ModelStatus.UNLOADING)
-
-
-class PoolError(Exception):
-    def __init__(self, kind: ErrorKind, message: str, retry_after: int | None = None) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-        self.retry_after = retry_after
-
-
-class WorkerHandle(Protocol):
-    """What the pool needs of a worker process (router.supervisor.WorkerProcess)."""
-
-    identity: bytes
-    exit_code: int | None
-
-    @property
-    def pid(self) -> int | None: ...
-    @property
-    def alive(self) -> bool: ...
-    @property
-    def stopping(self) -> bool: ...
-    @property
-    def log_tail(self) -> Sequence[str]: ...
-    async def start(self, load_timeout: float) -> ModelInfo: ...
-    async def stop(self, grace: float) -> None: ...
-    def gone_error(self) -> tuple[ErrorKind, str]: ...
-    def describe_exit(self) -> str: ...
-
-
-ProgressFn = Callable[[str, float], None]
-Launcher = Callable[[ModelEntry, ProgressFn, Callable[[WorkerHandle], None]], WorkerHandle]
-
-
-class Memory(Protocol):
-    def available(self) -> int: ...
-    def rss(self, pid: int) -> int | None: ...
-
-
-@dataclass(frozen=True)
-class PoolSettings:
-    max_models: int = 4
-    max_waiting: int = 256
-    memory_margin: int = 512 * MIB
-    load_timeout: float = 600.0
-    stop_timeout: float = 10.0
-
-
-@dataclass
-class Failure:
-    message: str
-    exit_code: int | None
-    log_tail: list[str]
-    at: float
-
-
-@dataclass
-class Slot:
-    entry: ModelEntry
-    status: ModelStatus = ModelStatus.UNLOADED
-    worker: WorkerHandle | None = None
-    load_task: asyncio.Task[WorkerHandle] | None = None
-    progress: float = 0.0
-    in_flight: int = 0  # leases held: waiting for the model or being served
-    waiting: int = 0  # of those, still waiting for the model
-    last_used: float = 0.0
-    failure: Failure | None = None
-    failures: int = 0  # consecutive failed loads
-    retry_at: float = 0.0  # no automatic load before this (monotonic)
-    info: ModelInfo | None = None
-    estimate: Estimate | None = None
-    last_rss: int = 0  # measured after its last load: a better guess than the estimate
-    admission: asyncio.Future[asyncio.Task[WorkerHandle]] | None = None  # while queued
-    admission_waiters: int = 0
-    wait_reason: str | None = None
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-    @property
-    def need(self) -> int:
-        return max(self.estimate.total if self.estimate else 0, self.last_rss)
 
 
 class Pool:
@@ -382,7 +300,7 @@ class Pool:
     def _holders(self, exclude: Slot) -> list[Holder]:
         holders = []
         for s in self._slots.values():
-            if s is exclude or s.status not in _HOLDING:
+            if s is exclude or s.status not in HOLDING:
                 continue
             idle = (s.status is ModelStatus.LOADED and s.in_flight == 0 and s.worker is not None
                     and s.worker.alive)

@@ -17,7 +17,8 @@ from protocol.errors import ErrorKind, param_of, sse_error_event
 from protocol.messages import BodyChunk, Cancel, Endpoint, Request, ResponseEnd, ResponseError, ResponseHead
 from router.bridge import Bridge, Item, PeerUnreachable
 from router.errors import HTTPError, send_error
-from router.pool import Pool, PoolError, WorkerHandle
+from router.pool import Pool
+from router.slots import PoolError, WorkerHandle
 
 log = logging.getLogger("modelherd.proxy")
 

@@ -26,7 +26,8 @@ from router.bridge import Bridge
 from router.catalog import Catalog, ModelEntry
 from router.config import Settings
 from router.footprint import SystemMemory, estimate
-from router.pool import Pool, PoolSettings, ProgressFn, WorkerHandle
+from router.pool import Pool
+from router.slots import PoolSettings, ProgressFn, WorkerHandle
 from router.supervisor import WorkerProcess
 
 log = logging.getLogger("modelherd")

@@ -13,7 +13,8 @@ from protocol.messages import ModelInfo, WorkerConfig
 from router.admission import MIB
 from router.catalog import Catalog, ModelEntry, Policy
 from router.footprint import Estimate
-from router.pool import Pool, PoolSettings, ProgressFn, WorkerHandle
+from router.pool import Pool
+from router.slots import PoolSettings, ProgressFn, WorkerHandle
 from router.supervisor import WorkerStartError
 
 INFO = ModelInfo(backend="fake", device="cpu", n_ctx=64, n_ctx_train=64, n_vocab=10, n_params=1,

@@ -9,7 +9,7 @@ import pytest
 from protocol.errors import ErrorKind
 from router.admission import MIB
 from router.catalog import Policy
-from router.pool import PoolError
+from router.slots import PoolError
 from router.supervisor import WorkerStartError
 from tests.fakepool import INFO, Harness, run, tick, until
 

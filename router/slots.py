@@ -1,0 +1,111 @@
+"""What the pool keeps per model, and the effects it reaches processes through.
+
+A `Slot` is one catalog model's state. `WorkerHandle`, `Launcher` and `Memory` are
+the pool's only ways to touch processes and the machine: the daemon passes the real
+ones (router.supervisor, router.footprint), tests pass fakes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from protocol.errors import ErrorKind
+from protocol.messages import ModelInfo
+from router.admission import MIB
+from router.catalog import ModelEntry
+from router.footprint import Estimate
+
+
+class ModelStatus(enum.Enum):
+    UNLOADED = "unloaded"
+    LOADING = "loading"
+    LOADED = "loaded"
+    UNLOADING = "unloading"
+    FAILED = "failed"
+
+
+HOLDING = (ModelStatus.LOADING, ModelStatus.LOADED, ModelStatus.UNLOADING)  # take a place
+
+
+class PoolError(Exception):
+    def __init__(self, kind: ErrorKind, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.retry_after = retry_after
+
+
+class WorkerHandle(Protocol):
+    """What the pool needs of a worker process (router.supervisor.WorkerProcess)."""
+
+    identity: bytes
+    exit_code: int | None
+
+    @property
+    def pid(self) -> int | None: ...
+    @property
+    def alive(self) -> bool: ...
+    @property
+    def stopping(self) -> bool: ...
+    @property
+    def log_tail(self) -> Sequence[str]: ...
+    async def start(self, load_timeout: float) -> ModelInfo: ...
+    async def stop(self, grace: float) -> None: ...
+    def gone_error(self) -> tuple[ErrorKind, str]: ...
+    def describe_exit(self) -> str: ...
+
+
+ProgressFn = Callable[[str, float], None]
+Launcher = Callable[[ModelEntry, ProgressFn, Callable[[WorkerHandle], None]], WorkerHandle]
+
+
+class Memory(Protocol):
+    def available(self) -> int: ...
+    def rss(self, pid: int) -> int | None: ...
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    max_models: int = 4
+    max_waiting: int = 256
+    memory_margin: int = 512 * MIB
+    load_timeout: float = 600.0
+    stop_timeout: float = 10.0
+
+
+@dataclass
+class Failure:
+    message: str
+    exit_code: int | None
+    log_tail: list[str]
+    at: float
+
+
+@dataclass
+class Slot:
+    entry: ModelEntry
+    status: ModelStatus = ModelStatus.UNLOADED
+    worker: WorkerHandle | None = None
+    load_task: asyncio.Task[WorkerHandle] | None = None
+    progress: float = 0.0
+    in_flight: int = 0  # leases held: waiting for the model or being served
+    waiting: int = 0  # of those, still waiting for the model
+    last_used: float = 0.0
+    failure: Failure | None = None
+    failures: int = 0  # consecutive failed loads
+    retry_at: float = 0.0  # no automatic load before this (monotonic)
+    info: ModelInfo | None = None
+    estimate: Estimate | None = None
+    last_rss: int = 0  # measured after its last load: a better guess than the estimate
+    admission: asyncio.Future[asyncio.Task[WorkerHandle]] | None = None  # while queued
+    admission_waiters: int = 0
+    wait_reason: str | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def need(self) -> int:
+        return max(self.estimate.total if self.estimate else 0, self.last_rss)
