@@ -223,7 +223,8 @@ def test_per_model_queue_bound_is_429_and_global_waiting_bound_is_503() -> None:
     async def scenario() -> None:
         h = Harness("a", "b", max_waiting=2, auto_ready=False, policies={"a": Policy(max_queue=2)})
         first, second = h.hold("a"), h.hold("a")
-        await until(lambda: h.pool.slot("a").waiting == 2, "two waiting")  # type: ignore[union-attr]
+        await until(lambda: h.pool.slot("a").waiting == 2 and len(h.launched) == 1,  # type: ignore[union-attr]
+                    "two waiting for one load")
         with pytest.raises(PoolError) as err:
             await _use(h, "a")
         assert err.value.kind is ErrorKind.RATE_LIMITED and "max_queue 2" in err.value.message
