@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from router.catalog import Catalog, build_catalog, discover
+from router.catalog import Catalog, Policy, build_catalog, discover
 from router.config import ConfigError, build_settings, default_models_dir
 from tests.daemon import REPO, Daemon
 
@@ -44,6 +44,11 @@ def test_flags_override_file(tmp_path: Path) -> None:
     ("[models.m]\nsource = 'hf://a/b/c.gguf'\n", ["models.m.source", "remote"]),
     ("[defaults]\nn_threads = -1\n", ["defaults.n_threads"]),
     ("[server\n", ["not valid TOML"]),
+    ("[server]\nmax_models = -1\n", ["server.max_models", ">= 0"]),
+    ("[server]\nmax_queue = 0\n", ["server.max_queue", ">= 1"]),
+    ("[server]\nidle_ttl = -5\n", ["server.idle_ttl"]),
+    ("[models.m]\nsource = 'x.gguf'\nttl = -1\n", ["models.m.ttl"]),
+    ("[models.m]\nsource = 'x.gguf'\npinned = 'yes'\n", ["models.m.pinned", "bool"]),
 ])
 def test_invalid_config_names_the_key(tmp_path: Path, text: str, needles: list[str]) -> None:
     cfg = tmp_path / "c.toml"
@@ -155,3 +160,30 @@ def test_cli_accepts_several_values_per_flag_and_repeated_flags() -> None:
     assert args.api_keys == ["k1", "k2", "k3"]
     assert args.autoload is False
     assert _parser().parse_args(["serve"]).autoload is None  # unset: the file or the default decides
+
+
+def test_pinned_and_startup_models_must_fit_max_models(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[server]\nmax_models = 1\nmodels_dirs = []\n"
+                   "[models.a]\nsource = 'a.gguf'\npinned = true\n"
+                   "[models.b]\nsource = 'b.gguf'\nload_on_startup = true\n"
+                   "[models.c]\nsource = 'c.gguf'\n")
+    out = subprocess.run([sys.executable, "-m", "router", "serve", "--config", str(cfg)],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "server.max_models: 1 is fewer than the 2 pinned or load_on_startup models (a, b)" in out.stderr
+    # The flag overrides the file, and two places are enough.
+    settings = build_settings(cfg, {"max_models": 2})
+    catalog = build_catalog(settings)
+    policies = {e.name: e.policy for e in catalog}
+    assert policies["a"].pinned and policies["b"].load_on_startup and policies["c"] == Policy()
+
+
+def test_model_policy_inherits_server_defaults(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[server]\nidle_ttl = 60\nmax_queue = 8\nmodels_dirs = []\n"
+                   "[models.a]\nsource = 'a.gguf'\n"
+                   "[models.b]\nsource = 'b.gguf'\nttl = 0\nmax_queue = 2\n")
+    policies = {e.name: e.policy for e in build_catalog(build_settings(cfg, {}))}
+    assert policies["a"] == Policy(ttl=60, max_queue=8)
+    assert policies["b"] == Policy(ttl=0, max_queue=2)
