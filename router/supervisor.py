@@ -258,6 +258,7 @@ class WorkerProcess:
         except PeerUnreachable:
             pass  # not connected yet (still starting): go straight to signals
         else:
+            log.info("worker %s: asked to stop; %g s to finish its requests", self.config.name, grace)
             if await self._wait_exit(grace):
                 return
         for sig, wait in ((signal.SIGTERM, TERM_GRACE_S), (signal.SIGKILL, TERM_GRACE_S)):

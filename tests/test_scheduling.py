@@ -235,3 +235,39 @@ def test_backpressure_429_per_model_and_503_when_too_many_wait(tmp_path: Path,
         assert c.post("/models/unload", json={"model": "slowload"}).status_code == 200
         t.join(60)
         assert waiting["r"].status_code == 503  # unloaded while it loaded
+
+
+def test_unloading_a_busy_model_lets_its_request_finish_within_the_grace(
+        tmp_path: Path, models_dir: Path, isolated_env: dict[str, str]) -> None:
+    config = _config(tmp_path / "c.toml", models_dir, server="stop_timeout = 300")
+    with Daemon("--config", str(config), env=isolated_env) as d:
+        pid = d.load(LONG)["pid"]
+        assert isinstance(pid, int)
+        sock, received = open_stream(d.port, LONG)
+        os.kill(pid, signal.SIGSTOP)
+        mark = d.mark()
+        unloaded: dict[str, httpx.Response] = {}
+
+        def unload() -> None:
+            with d.client() as c:
+                unloaded["r"] = c.post("/models/unload", json={"model": LONG})
+
+        t = threading.Thread(target=unload, daemon=True)
+        try:
+            t.start()
+            # The Shutdown message waits in the frozen worker's socket until it runs again.
+            d.wait_for_log(r"worker long: asked to stop; 300 s to finish its requests", start=mark)
+            with d.client() as c:  # meanwhile the model takes no new work, others serve
+                assert _status(d, LONG) == "unloading"
+                r = _chat(c, "tiny-a")
+                assert r.status_code == 200
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        d.wait_for_log(r"shutdown requested \(unload\): finishing 1 request\(s\) first", start=mark)
+        body = read_to_end(sock, received)
+        sock.close()
+        assert b"data: [DONE]" in body and b'"error"' not in body
+        t.join(60)
+        assert unloaded["r"].json() == {"success": True}
+        d.wait_for_log(r"worker long \(pid \d+\) exited: exit code 0", start=mark)
+        assert not any("sending SIGTERM" in line for line in d.lines[mark:])

@@ -107,6 +107,12 @@ class Engine:
         self.active = 0
 
     @property
+    def pending(self) -> int:
+        """Requests submitted and not finished yet (running or queued)."""
+        with self._lock:
+            return len(self._cancels)
+
+    @property
     def queued(self) -> int:
         with self._lock:
             return len(self._cancels) - self.active

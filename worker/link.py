@@ -38,6 +38,7 @@ log = logging.getLogger("modelherd.worker")
 CONFIGURE_TIMEOUT_S = 30.0
 PROGRESS_INTERVAL_S = 0.05
 STOP_TIMEOUT_S = 5.0
+DRAIN_POLL_MS = 20  # how soon a draining worker notices its last request finished
 
 EXIT_OK = 0
 EXIT_NO_CONFIG = 2
@@ -127,7 +128,14 @@ class Link:
         return report
 
     def _relay(self, engine: Engine) -> None:
+        draining = False
         while True:
+            # After a Shutdown, what was submitted finishes (the router's grace period is
+            # for that) while cancels still arrive; then the worker exits.
+            if draining and engine.pending == 0:
+                return
+            if draining and not self._dealer.poll(DRAIN_POLL_MS):
+                continue
             msg, payload = self._recv()
             if isinstance(msg, Request):
                 engine.submit(msg.req_id, msg.endpoint, payload)
@@ -136,9 +144,10 @@ class Link:
             elif isinstance(msg, Heartbeat):
                 self._send(Heartbeat(msg.seq))
                 self._send(WorkerStatus(engine.active, engine.queued))
-            elif isinstance(msg, Shutdown):
-                log.info("shutdown requested: %s", msg.reason or "no reason given")
-                return
+            elif isinstance(msg, Shutdown) and not draining:
+                log.info("shutdown requested (%s): finishing %d request(s) first",
+                         msg.reason or "no reason given", engine.pending)
+                draining = True
 
     def _recv(self) -> tuple[object, bytes]:
         try:
