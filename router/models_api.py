@@ -111,13 +111,13 @@ def routes(pool: Pool) -> list[Route]:
         slot = pool.slot(ref.model)
         if slot is None:
             return error_response(ErrorKind.NOT_FOUND, f"model {ref.model!r} not found", "model")
-        if ref.wait:
-            try:
+        try:
+            if ref.wait:
                 await pool.load(slot)
-            except PoolError as exc:
-                return error_response(exc.kind, exc.message, retry_after=exc.retry_after)
-        else:
-            pool.start_load(slot)  # a no-op load if it is already loaded
+            else:
+                pool.start_load(slot)  # a no-op load if it is already loaded
+        except PoolError as exc:
+            return error_response(exc.kind, exc.message, retry_after=exc.retry_after)
         return JSONResponse({"success": True, "model": model_entry(pool, slot)})
 
     async def unload(request: Request) -> Response:

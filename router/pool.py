@@ -22,7 +22,7 @@ from protocol.errors import ErrorKind
 from protocol.messages import WorkerConfig
 from router.admission import MIB, Admit, Holder, Refuse, Wait, plan
 from router.catalog import Catalog
-from router.footprint import Estimate, mib
+from router.footprint import Estimate
 from router.slots import (
     HOLDING,
     Failure,
@@ -33,6 +33,8 @@ from router.slots import (
     PoolSettings,
     Slot,
     WorkerHandle,
+    backoff_error,
+    refusal_error,
 )
 from router.supervisor import WorkerStartError
 
@@ -175,6 +177,8 @@ class Pool:
 
     def start_load(self, slot: Slot) -> None:
         """Load in the background; the outcome shows in the slot's status."""
+        if self._draining:
+            raise PoolError(ErrorKind.UNAVAILABLE, "modelherd is shutting down; retry shortly")
         task = asyncio.create_task(self.load(slot), name=f"load-request:{slot.entry.name}")
         self._own(task)
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
@@ -191,27 +195,26 @@ class Pool:
     # ---- loading ----------------------------------------------------------------
 
     async def _ensure_loaded(self, slot: Slot, explicit: bool) -> WorkerHandle:
-        worker = slot.worker
-        if slot.status is ModelStatus.LOADED and worker is not None and worker.alive:
-            return worker
-        task = slot.load_task
-        if task is None or task.done():
-            if not explicit and slot.status is ModelStatus.FAILED and slot.retry_at > self._clock():
-                left = slot.retry_at - self._clock()
-                reason = slot.failure.message if slot.failure else "unknown"
-                raise PoolError(ErrorKind.LOAD_FAILED,
-                                f"model {slot.entry.name!r} failed to load {slot.failures} time(s) in a "
-                                f"row; next attempt in {left:.0f} s. Last error: {reason}",
-                                retry_after=math.ceil(left))
-            task = await self._admission(slot)
-        return await self._join_load(slot, task)
-
-    async def _admission(self, slot: Slot) -> asyncio.Task[WorkerHandle]:
-        """Wait in the FIFO until `plan` admits the model; the load it started."""
-        if slot.estimate is None:
+        if slot.estimate is None:  # read once, before the state below is looked at
             slot.estimate = await self._estimate(slot)
-        if slot.load_task is not None and not slot.load_task.done():
-            return slot.load_task  # admitted while we estimated
+        admitted = False
+        while True:  # at most twice round: once to be admitted, once to join the load
+            worker = slot.worker
+            if slot.status is ModelStatus.LOADED and worker is not None and worker.alive:
+                return worker
+            task = slot.load_task
+            if task is not None and not task.done():
+                return await self._join_load(slot, task)
+            if slot.status is ModelStatus.FAILED and (
+                    admitted or (not explicit and slot.retry_at > self._clock())):
+                raise backoff_error(slot, self._clock())
+            if admitted:  # the load ended (unloaded) before this waiter's turn came
+                raise PoolError(ErrorKind.UNAVAILABLE, f"model {slot.entry.name!r} was unloaded; retry")
+            await self._admission(slot)
+            admitted = True
+
+    async def _admission(self, slot: Slot) -> None:
+        """Wait in the FIFO until `plan` admits the model (its load has then started)."""
         fut = slot.admission
         if fut is None:
             fut = asyncio.get_running_loop().create_future()
@@ -223,7 +226,7 @@ class Pool:
             return fut.result()
         slot.admission_waiters += 1
         try:
-            return await asyncio.shield(fut)
+            await asyncio.shield(fut)
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if fut.cancelled() and not (current and current.cancelling()):
@@ -280,6 +283,11 @@ class Pool:
                 continue
             if slot.status is ModelStatus.UNLOADING:  # its old worker is still on the way out
                 return
+            if slot.status is ModelStatus.LOADED and slot.worker is not None and slot.worker.alive:
+                self._queue.pop(0)  # loaded meanwhile (an explicit load): nothing to decide
+                slot.admission = None
+                fut.set_result(None)
+                continue
             available = self._available()
             decision = plan(slot.need, self._holders(slot), self.settings.max_models, available)
             if isinstance(decision, Wait):
@@ -291,11 +299,14 @@ class Pool:
             slot.admission = None
             slot.wait_reason = None
             if isinstance(decision, Refuse):
-                fut.set_exception(self._refusal(slot, decision, available))
+                error = refusal_error(slot, decision, available, self.settings.memory_margin)
+                log.warning("%s", error.message)
+                fut.set_exception(error)
                 continue
             assert isinstance(decision, Admit)
             evictions = [self._evict(self._slots[name], slot) for name in decision.victims]
-            fut.set_result(self._begin_load(slot, evictions))
+            self._begin_load(slot, evictions)
+            fut.set_result(None)
 
     def _holders(self, exclude: Slot) -> list[Holder]:
         holders = []
@@ -315,20 +326,6 @@ class Pool:
         reserved = sum(max(0, s.need - (self.rss(s) or 0))
                        for s in self._slots.values() if s.status is ModelStatus.LOADING)
         return self._memory.available() - self.settings.memory_margin - reserved
-
-    def _refusal(self, slot: Slot, decision: Refuse, available: int) -> PoolError:
-        name = slot.entry.name
-        if not decision.memory:
-            return PoolError(ErrorKind.UNAVAILABLE, f"model {name!r} cannot be loaded: {decision.reason}")
-        need = slot.estimate.describe() if slot.estimate else f"about {mib(slot.need)}"
-        if slot.last_rss > (slot.estimate.total if slot.estimate else 0):
-            need = f"about {mib(slot.last_rss)} (measured at its last load)"
-        margin = self.settings.memory_margin
-        message = (f"model {name!r} does not fit in memory: it needs {need}; "
-                   f"{mib(max(0, available + margin))} is available and memory_margin_mb keeps "
-                   f"{mib(margin)} free")
-        log.warning("%s", message)
-        return PoolError(ErrorKind.UNAVAILABLE, message)
 
     def _begin_load(self, slot: Slot, evictions: list[asyncio.Task[None]]) -> asyncio.Task[WorkerHandle]:
         slot.status = ModelStatus.LOADING  # holds its place from now, even while victims stop

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from protocol.errors import ErrorKind
 from protocol.messages import ModelInfo
-from router.admission import MIB
+from router.admission import MIB, Refuse
 from router.catalog import ModelEntry
-from router.footprint import Estimate
+from router.footprint import Estimate, mib
 
 
 class ModelStatus(enum.Enum):
@@ -101,7 +102,7 @@ class Slot:
     info: ModelInfo | None = None
     estimate: Estimate | None = None
     last_rss: int = 0  # measured after its last load: a better guess than the estimate
-    admission: asyncio.Future[asyncio.Task[WorkerHandle]] | None = None  # while queued
+    admission: asyncio.Future[None] | None = None  # while queued
     admission_waiters: int = 0
     wait_reason: str | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -109,3 +110,26 @@ class Slot:
     @property
     def need(self) -> int:
         return max(self.estimate.total if self.estimate else 0, self.last_rss)
+
+
+def backoff_error(slot: Slot, now: float) -> PoolError:
+    """A failed model within its backoff (or the load a request waited for failed)."""
+    left = max(0.0, slot.retry_at - now)
+    reason = slot.failure.message if slot.failure else "unknown"
+    return PoolError(ErrorKind.LOAD_FAILED,
+                     f"model {slot.entry.name!r} failed to load {slot.failures} time(s) in a row; "
+                     f"next attempt in {left:.0f} s. Last error: {reason}", retry_after=math.ceil(left))
+
+
+def refusal_error(slot: Slot, decision: Refuse, available: int, margin: int) -> PoolError:
+    """A model that can never fit: pinned models hold every place, or memory is too small."""
+    name = slot.entry.name
+    if not decision.memory:
+        return PoolError(ErrorKind.UNAVAILABLE, f"model {name!r} cannot be loaded: {decision.reason}")
+    need = slot.estimate.describe() if slot.estimate else f"about {mib(slot.need)}"
+    if slot.last_rss > (slot.estimate.total if slot.estimate else 0):
+        need = f"about {mib(slot.last_rss)} (measured at its last load)"
+    return PoolError(ErrorKind.UNAVAILABLE,
+                     f"model {name!r} does not fit in memory: it needs {need}; "
+                     f"{mib(max(0, available + margin))} is available and memory_margin_mb keeps "
+                     f"{mib(margin)} free")
