@@ -222,6 +222,9 @@ class Pool:
             slot.admission = fut
             self._queue.append(slot)
             self._pump()
+            if not fut.done() and self._queue[0] is not slot:
+                log.info("model %s waits to load behind %s", slot.entry.name,
+                         ", ".join(s.entry.name for s in self._queue[: self._queue.index(slot)]))
         if fut.done():  # admitted, or refused, on the spot
             return fut.result()
         slot.admission_waiters += 1

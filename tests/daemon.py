@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -111,6 +112,16 @@ class Daemon:
                 if left <= 0 or not self._cond.wait(left):
                     raise AssertionError(f"no log line matched {pattern!r} within {timeout} s:\n"
                                          + self.log())
+
+    def wait_until(self, predicate: Callable[[], bool], what: str, timeout: float = 30) -> None:
+        """Re-check `predicate` (e.g. on GET /models) until it holds; each new log line, or
+        a short pause without one, prompts the next check."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"never happened within {timeout} s: {what}\n" + self.log())
+            with self._cond:
+                self._cond.wait(0.05)
 
     def log(self) -> str:
         with self._cond:

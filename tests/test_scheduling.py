@@ -271,3 +271,44 @@ def test_unloading_a_busy_model_lets_its_request_finish_within_the_grace(
         assert unloaded["r"].json() == {"success": True}
         d.wait_for_log(r"worker long \(pid \d+\) exited: exit code 0", start=mark)
         assert not any("sending SIGTERM" in line for line in d.lines[mark:])
+
+
+def test_waiters_are_served_in_order_and_share_one_eviction(
+        tmp_path: Path, models_dir: Path, isolated_env: dict[str, str]) -> None:
+    config = _config(tmp_path / "c.toml", models_dir)
+    with Daemon("--config", str(config), "--max-models", "1", env=isolated_env) as d:
+        pid = d.load(LONG)["pid"]
+        assert isinstance(pid, int)
+        sock, received = open_stream(d.port, LONG)
+        os.kill(pid, signal.SIGSTOP)
+        mark = d.mark()
+        results: dict[str, int] = {}
+
+        def ask(key: str, model: str) -> threading.Thread:
+            def run() -> None:
+                with d.client() as c:
+                    results[key] = _chat(c, model).status_code
+            t = threading.Thread(target=run, daemon=True)
+            t.start()
+            return t
+
+        try:
+            threads = [ask("a1", "tiny-a")]
+            d.wait_for_log(r"model tiny-a waits to load: max_models is reached", start=mark)
+            threads.append(ask("b", "tiny-b"))
+            d.wait_for_log(r"model tiny-b waits to load behind tiny-a", start=mark)
+            threads.append(ask("a2", "tiny-a"))  # joins tiny-a's place in the queue, ahead of b
+            d.wait_until(lambda: d.models()["tiny-a"]["waiting"] == 2, "a2 queued with a1")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert b"data: [DONE]" in read_to_end(sock, received)
+        sock.close()
+        for t in threads:
+            t.join(60)
+        assert results == {"a1": 200, "a2": 200, "b": 200}
+        d.wait_for_log(r"evicting model tiny-a .* room for tiny-b", start=mark)
+        evictions = [line for line in d.lines[mark:] if "evicting model" in line]
+        assert len(evictions) == 2, evictions
+        assert "evicting model long" in evictions[0] and "room for tiny-a" in evictions[0]
+        assert "evicting model tiny-a" in evictions[1] and "room for tiny-b" in evictions[1]
+        assert sum("model tiny-a loaded" in line for line in d.lines[mark:]) == 1
