@@ -59,7 +59,7 @@ def estimate(config: WorkerConfig) -> Estimate:
     if path.suffix.lower() == ".gguf":
         try:
             kv = _kv_bytes(read_gguf_numbers(path), config)
-        except (OSError, ValueError, struct.error):
+        except (OSError, ValueError, OverflowError, MemoryError, struct.error):
             kv = 0  # unreadable header: the worker's load will say why
     return Estimate(weights, kv, WORKER_OVERHEAD)
 
@@ -132,8 +132,14 @@ def read_gguf_numbers(path: Path) -> dict[str, int | str | list[int]]:
         return out
 
 
+_MAX_STRING = 1 << 24  # a chat template is the longest string a header holds: far below this
+_MAX_ITEMS = 1 << 24
+
+
 def _string(f: BinaryIO) -> str:
     (length,) = struct.unpack("<Q", f.read(8))
+    if length > _MAX_STRING:
+        raise ValueError(f"GGUF string of {length} bytes: not a sane header")
     return f.read(length).decode("utf-8", errors="replace")
 
 
@@ -142,6 +148,8 @@ def _value(f: BinaryIO, kind: int) -> int | str | list[int] | None:
         return _string(f)
     if kind == _ARRAY:
         item, count = struct.unpack("<IQ", f.read(12))
+        if count > _MAX_ITEMS:
+            raise ValueError(f"GGUF array of {count} items: not a sane header")
         if item == _STRING:
             for _ in range(count):  # a vocabulary: skip it string by string
                 f.seek(struct.unpack("<Q", f.read(8))[0], os.SEEK_CUR)

@@ -66,6 +66,7 @@ class Pool:
         self._tasks: set[asyncio.Task[Any]] = set()  # owned: asyncio keeps tasks only weakly
         self._estimates: dict[str, asyncio.Future[Estimate]] = {}
         self._changed = asyncio.Event()
+        self.cut = asyncio.Event()  # set by a second signal: no more grace for anything
         self._janitor: asyncio.Task[None] | None = None
 
     # ---- views -------------------------------------------------------------------
@@ -119,8 +120,16 @@ class Pool:
         self._draining = self._closed = True
         if self._janitor is not None:
             self._janitor.cancel()
-        await asyncio.gather(*(self._unload(s, grace) for s in self._slots.values()),
-                             return_exceptions=True)
+        unloads = asyncio.gather(*(self._unload(s, grace) for s in self._slots.values()),
+                                 return_exceptions=True)
+        cut = asyncio.ensure_future(self.cut.wait())
+        either: set[asyncio.Future[Any]] = {unloads, cut}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if not unloads.done():  # cut short (a second signal): the ladder's last rungs now
+            log.warning("stopping %d worker(s) without further grace", len(self._workers))
+            await asyncio.gather(*(w.stop(grace=0) for w in list(self._workers)), return_exceptions=True)
+        cut.cancel()
+        await unloads
         # Whatever a race left behind is stopped too: no worker outlives the pool.
         await asyncio.gather(*(w.stop(grace=0) for w in list(self._workers)), return_exceptions=True)
 
@@ -245,12 +254,17 @@ class Pool:
                 self._dequeue(slot)
                 self._pump()
 
-    async def _estimate(self, slot: Slot) -> Estimate:
+    async def _estimate(self, slot: Slot) -> Estimate | None:
         fut = self._estimates.get(slot.entry.name)
         if fut is None:  # one file read however many requests ask at once
             fut = asyncio.ensure_future(asyncio.to_thread(self._estimator, slot.entry.worker))
             self._estimates[slot.entry.name] = fut
-        return await asyncio.shield(fut)
+        try:
+            return await asyncio.shield(fut)
+        except Exception as exc:  # never a 500: the load itself will say what is wrong
+            self._estimates.pop(slot.entry.name, None)  # and the next load asks again
+            log.warning("model %s: cannot estimate its memory: %r", slot.entry.name, exc)
+            return None
 
     def _dequeue(self, slot: Slot) -> None:
         if slot.admission is not None and not slot.admission.done():
@@ -277,17 +291,20 @@ class Pool:
     # ---- the decisions ------------------------------------------------------------
 
     def _pump(self) -> None:
-        """Admit queued models, head first, while `plan` allows; strictly FIFO."""
-        while self._queue and not self._closed:
-            slot = self._queue[0]
+        """Admit queued models in order while `plan` allows: strictly FIFO among those
+        waiting for a place. One whose old worker is still stopping waits for that alone
+        and holds nobody up."""
+        for slot in list(self._queue):
+            if self._closed:
+                return
             fut = slot.admission
             if fut is None or fut.done():
-                self._queue.pop(0)
+                self._queue.remove(slot)
                 continue
-            if slot.status is ModelStatus.UNLOADING:  # its old worker is still on the way out
-                return
+            if slot.status is ModelStatus.UNLOADING:
+                continue
             if slot.status is ModelStatus.LOADED and slot.worker is not None and slot.worker.alive:
-                self._queue.pop(0)  # loaded meanwhile (an explicit load): nothing to decide
+                self._queue.remove(slot)  # loaded meanwhile (an explicit load): nothing to decide
                 slot.admission = None
                 fut.set_result(None)
                 continue
@@ -298,7 +315,7 @@ class Pool:
                     log.info("model %s waits to load: %s", slot.entry.name, decision.reason)
                 slot.wait_reason = decision.reason
                 return
-            self._queue.pop(0)
+            self._queue.remove(slot)
             slot.admission = None
             slot.wait_reason = None
             if isinstance(decision, Refuse):
@@ -318,17 +335,26 @@ class Pool:
                 continue
             idle = (s.status is ModelStatus.LOADED and s.in_flight == 0 and s.worker is not None
                     and s.worker.alive)
-            rss = self.rss(s) or 0
-            footprint = max(rss, s.need) if s.status is ModelStatus.LOADING else rss
             holders.append(Holder(s.entry.name, idle and not s.entry.policy.pinned,
-                                  s.entry.policy.pinned, s.last_used, footprint))
+                                  s.entry.policy.pinned, s.last_used, self._claim(s)))
         return holders
 
+    def _claim(self, slot: Slot) -> int:
+        """What a live model holds, or will once loaded: its estimate or its RSS if larger."""
+        return max(slot.need, self.rss(slot) or 0)
+
     def _available(self) -> int:
-        """Free memory minus the margin, minus what loading models have yet to take."""
-        reserved = sum(max(0, s.need - (self.rss(s) or 0))
-                       for s in self._slots.values() if s.status is ModelStatus.LOADING)
-        return self._memory.available() - self.settings.memory_margin - reserved
+        """Free memory minus the margin, minus what live models claim beyond what the kernel
+        already counts as used. Mapped weights look "available" to the kernel (page cache)
+        though dropping them would thrash, and a loading model has not touched its memory
+        yet: both are subtracted here. The kernel does count the anonymous part of RSS."""
+        claimed = 0
+        for s in self._slots.values():
+            if s.status in HOLDING:
+                weights = s.estimate.weights if s.estimate else 0
+                counted = max(0, (self.rss(s) or 0) - weights)
+                claimed += self._claim(s) - counted
+        return self._memory.available() - self.settings.memory_margin - claimed
 
     def _begin_load(self, slot: Slot, evictions: list[asyncio.Task[None]]) -> asyncio.Task[WorkerHandle]:
         slot.status = ModelStatus.LOADING  # holds its place from now, even while victims stop
@@ -373,6 +399,8 @@ class Pool:
         started = self._clock()
         try:
             info = await worker.start(self.settings.load_timeout)
+            if not worker.alive:  # it died between Ready and now: its exit was not ours to handle
+                raise WorkerStartError(f"the worker exited right after loading ({worker.describe_exit()})")
         except WorkerStartError as exc:
             slot.worker = None
             self._fail(slot, Failure(exc.message, worker.exit_code, list(worker.log_tail), time.time()),

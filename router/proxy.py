@@ -71,14 +71,15 @@ class OpenAIRoute:
         watcher = asyncio.create_task(_watch_disconnect(receive, handler, gone),
                                       name=f"disconnect-watch:{id(scope)}")
         try:
-            async with self._pool.lease(routed.model, self._autoload) as worker:
-                await relay(self._bridge, worker, self._endpoint, body, send)
-        except HTTPError as exc:
-            await send_error(send, exc.kind, exc.message, exc.param)
-        except PoolError as exc:
-            await send_error(send, exc.kind, exc.message,
-                             "model" if exc.kind is ErrorKind.NOT_FOUND else None, exc.retry_after)
-        except asyncio.CancelledError:
+            try:
+                async with self._pool.lease(routed.model, self._autoload) as worker:
+                    await relay(self._bridge, worker, self._endpoint, body, send)
+            except HTTPError as exc:
+                await send_error(send, exc.kind, exc.message, exc.param)
+            except PoolError as exc:
+                await send_error(send, exc.kind, exc.message,
+                                 "model" if exc.kind is ErrorKind.NOT_FOUND else None, exc.retry_after)
+        except asyncio.CancelledError:  # wherever it lands, the error answer included
             if not gone.is_set():
                 raise
             handler.uncancel()  # our own cancellation: the client left, nothing to answer

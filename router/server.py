@@ -78,6 +78,10 @@ class _Server(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self._signals += 1
+        if self._signals > 1:
+            # on_tick acts on the count while uvicorn runs; once it is shutting down,
+            # workers may still be in their grace period: this flag ends it.
+            self._pool.cut.set()
 
     async def on_tick(self, counter: int) -> bool:
         if await super().on_tick(counter):

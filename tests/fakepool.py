@@ -29,6 +29,7 @@ class FakeWorker:
         self.identity = f"{entry.name}/fake".encode()
         self.exit_code: int | None = None
         self.rss = rss
+        self.mapped = rss // 2  # of its RSS, the weights: file pages the kernel calls available
         self.stops: list[float] = []
         self.ready: asyncio.Future[ModelInfo] = asyncio.get_running_loop().create_future()
         self._pid = next(self._pids)
@@ -82,14 +83,14 @@ class FakeWorker:
 
 
 class FakeMemory:
-    """`total` minus what live fake workers hold."""
+    """`total` minus what live fake workers hold, mapped weights excepted (as Linux does)."""
 
     def __init__(self, total: int, workers: list[FakeWorker]) -> None:
         self.total = total
         self._workers = workers
 
     def available(self) -> int:
-        return self.total - sum(w.rss for w in self._workers if w.alive)
+        return self.total - sum(w.rss - w.mapped for w in self._workers if w.alive)
 
     def rss(self, pid: int) -> int | None:
         return next((w.rss for w in self._workers if w.pid == pid and w.alive), None)
@@ -108,13 +109,16 @@ class Harness:
 
     def __init__(self, *names: str, max_models: int = 4, max_waiting: int = 256,
                  memory: int = 64 * 1024 * MIB, need: int = 100 * MIB, auto_ready: bool = True,
-                 policies: dict[str, Policy] | None = None) -> None:
+                 policies: dict[str, Policy] | None = None, needs: dict[str, int] | None = None) -> None:
         policies = policies or {}
         entries = [ModelEntry(n, Path(n), "fake", (), "config", WorkerConfig(n, n),
                               policies.get(n, Policy())) for n in names]
         self.launched: list[FakeWorker] = []
         self.auto_ready = auto_ready
         self.need = need
+        self.needs = needs or {}
+        self.estimates = 0  # calls of the estimator
+        self.estimate_error: Exception | None = None
         self.clock = FakeClock()
         self.memory = FakeMemory(memory, self.launched)
         self.pool = Pool(Catalog(entries), PoolSettings(max_models=max_models, max_waiting=max_waiting,
@@ -123,14 +127,18 @@ class Harness:
 
     def _launch(self, entry: ModelEntry, on_progress: ProgressFn,
                 on_exit: Callable[[WorkerHandle], None]) -> WorkerHandle:
-        worker = FakeWorker(entry, on_exit, self.need)
+        worker = FakeWorker(entry, on_exit, self.needs.get(entry.name, self.need))
         if self.auto_ready:
             worker.ready.set_result(INFO)
         self.launched.append(worker)
         return worker
 
     def _estimate(self, config: WorkerConfig) -> Estimate:
-        return Estimate(self.need, 0, 0)
+        self.estimates += 1
+        if self.estimate_error is not None:
+            raise self.estimate_error
+        need = self.needs.get(config.name, self.need)
+        return Estimate(need // 2, 0, need - need // 2)
 
     def names(self) -> list[str]:
         return [w.entry.name for w in self.launched]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import Iterator
@@ -16,19 +17,25 @@ from tests.daemon import Daemon, open_stream, read_to_end
 LONG = "org/tiny-long"
 
 
-@pytest.fixture
-def draining(tmp_path: Path, models_dir: Path, isolated_env: dict[str, str]) -> Iterator[Daemon]:
-    # A grace far longer than any test: only the drain finishing (or a second signal) ends it.
+@contextlib.contextmanager
+def _daemon(tmp_path: Path, models_dir: Path, env: dict[str, str], stop_timeout: float) -> Iterator[Daemon]:
     config = write_config(tmp_path / "c.toml", models_dir).read_text().replace(
-        "[server]\n", "[server]\nstop_timeout = 300\n")
+        "[server]\n", f"[server]\nstop_timeout = {stop_timeout}\n")
     (tmp_path / "c.toml").write_text(config)
-    d = Daemon("--config", str(tmp_path / "c.toml"), env=isolated_env).start()
+    d = Daemon("--config", str(tmp_path / "c.toml"), env=env).start()
     try:
         yield d
     finally:
         if d.proc is not None and d.proc.poll() is None:
             d.proc.kill()
             d.proc.wait()
+
+
+@pytest.fixture
+def draining(tmp_path: Path, models_dir: Path, isolated_env: dict[str, str]) -> Iterator[Daemon]:
+    # A grace far longer than any test: only the drain finishing (or a second signal) ends it.
+    with _daemon(tmp_path, models_dir, isolated_env, 300) as d:
+        yield d
 
 
 def _freeze_mid_stream(d: Daemon) -> tuple[int, object, bytes]:
@@ -82,3 +89,32 @@ def test_a_second_signal_skips_the_wait(draining: Daemon) -> None:
     proc = psutil.Process(pid) if psutil.pid_exists(pid) else None
     if proc is not None:  # the ladder ends in SIGKILL; a frozen worker is no exception
         assert psutil.wait_procs([proc], timeout=5)[1] == [] or proc.status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_second_signal_also_cuts_the_workers_grace(draining: Daemon) -> None:
+    d = draining
+    assert d.proc is not None
+    _pid, sock, _ = _freeze_mid_stream(d)
+    mark = d.mark()
+    sock.close()  # type: ignore[attr-defined]
+    # The router is idle once it noticed; the frozen worker still has the request.
+    d.wait_until(lambda: d.models()[LONG]["in_flight"] == 0, "the router saw the client go")
+    d.proc.send_signal(signal.SIGTERM)
+    d.wait_for_log(r"worker org/tiny-long: asked to stop; \d+(\.\d+)? s to finish", start=mark)
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(60) == 0  # not the 300 s grace
+    d.wait_for_log(r"stopping 1 worker\(s\) without further grace", start=mark)
+
+
+def test_the_drain_ends_at_stop_timeout_with_an_error_event(tmp_path: Path, models_dir: Path,
+                                                            isolated_env: dict[str, str]) -> None:
+    with _daemon(tmp_path, models_dir, isolated_env, 1) as d:
+        assert d.proc is not None
+        _pid, sock, received = _freeze_mid_stream(d)  # frozen for good: only the deadline ends it
+        mark = d.mark()
+        d.proc.send_signal(signal.SIGTERM)
+        body = read_to_end(sock, received)  # type: ignore[arg-type]
+        sock.close()  # type: ignore[attr-defined]
+        assert b"modelherd is shutting down" in body and b"data: [DONE]" not in body
+        assert d.proc.wait(60) == 0
+        d.wait_for_log(r"drain timeout: stopping with requests still in flight", start=mark)

@@ -170,6 +170,8 @@ def test_load_failure_message_reaches_the_client_and_a_crash_loop_backs_off(
         assert "weights are corrupt" in r.json()["error"]["message"]
         assert d.models()["bad"]["status"]["load_failures"] == 2  # type: ignore[index]
         d.wait_for_log(r"model bad failed to load \(2 in a row; automatic retries paused for 10 s\)")
+        r = c.post("/v1/completions", json={"model": "bad", "prompt": "x"})
+        assert r.status_code == 503 and 5 < int(r.headers["retry-after"]) <= 10  # the time left
 
 
 def test_worker_crash_during_non_stream_request_is_502_and_next_request_respawns(faults: Daemon) -> None:

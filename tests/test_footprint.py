@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import shutil
+import struct
 from pathlib import Path
 
 import gguf
 import psutil
+import pytest
 
 from protocol.messages import WorkerConfig
 from router.footprint import WORKER_OVERHEAD, SystemMemory, estimate, read_gguf_numbers
@@ -67,3 +69,12 @@ def test_the_cgroup_limit_caps_available_memory(tmp_path: Path) -> None:
     (group / "memory.max").write_text("max\n")  # no limit: the system's figure stands
     system = psutil.virtual_memory().available
     assert abs(SystemMemory(tmp_path, own).available() - system) < 256 * 1024 * 1024
+
+
+def test_an_absurd_header_is_refused_without_reading_it(tmp_path: Path) -> None:
+    path = tmp_path / "evil.gguf"
+    # One key whose name claims to be 2**62 bytes long.
+    path.write_bytes(b"GGUF" + struct.pack("<IQQQ", 3, 0, 1, 2**62) + b"x" * 64)
+    with pytest.raises(ValueError, match="not a sane header"):
+        read_gguf_numbers(path)
+    assert estimate(WorkerConfig("evil", str(path))).kv_cache == 0

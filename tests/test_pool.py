@@ -204,7 +204,7 @@ def test_loading_models_reserve_their_memory() -> None:
         h.launched.clear()
         a = h.hold("a")
         await until(lambda: len(h.launched) == 1, "a loading")
-        h.launched[0].rss = 0  # nothing touched yet
+        h.launched[0].rss = h.launched[0].mapped = 0  # nothing touched yet
         b = h.hold("b")
         await until(lambda: h.pool.slot("b").wait_reason is not None, "b waits")  # type: ignore[union-attr]
         assert "memory is short" in h.pool.slot("b").wait_reason  # type: ignore[union-attr,operator]
@@ -311,4 +311,111 @@ def test_draining_refuses_new_requests_and_reports_idle() -> None:
         h.clock.now += 10
         await h.pool.close()
         assert h.launched[0].stops == [20]  # what is left of the drain's grace
+    run(scenario)
+
+
+def test_strict_fifo_a_later_waiter_that_would_fit_does_not_overtake() -> None:
+    async def scenario() -> None:
+        h = Harness("a", "big", "small", memory=400 * MIB,
+                    needs={"a": 200 * MIB, "big": 300 * MIB, "small": 100 * MIB})
+        held = h.hold("a")
+        await held.leased.wait()
+        big = h.hold("big")  # needs a's memory: waits for a
+        await until(lambda: h.pool.slot("big").wait_reason is not None, "big waits")  # type: ignore[union-attr]
+        small = h.hold("small")  # would fit now, but came later
+        await until(lambda: h.pool.slot("small").admission is not None, "small queued")  # type: ignore[union-attr]
+        assert h.names() == ["a"] and h.pool.slot("small").wait_reason is None  # type: ignore[union-attr]
+        held.release()  # a goes; then big and small both fit, big admitted first
+        await big.leased.wait()
+        big.release()
+        await small.leased.wait()
+        small.release()
+        await asyncio.gather(held.task, big.task, small.task)
+    run(scenario)
+
+
+def test_a_model_still_stopping_holds_up_nobody_behind_it() -> None:
+    async def scenario() -> None:
+        h = Harness("x", "y", auto_ready=True)
+        await _use(h, "x")
+        x = h.launched[0]
+        never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def slow_stop(grace: float) -> None:
+            x.stops.append(grace)
+            await never  # its requests are still finishing
+
+        x.stop = slow_stop  # type: ignore[method-assign]
+        unloading = asyncio.create_task(h.pool.unload("x"))
+        await until(lambda: h.status("x") == "unloading", "x unloading")
+        again = h.hold("x")  # waits for x's old worker to go
+        await until(lambda: h.pool.slot("x").admission is not None, "x queued")  # type: ignore[union-attr]
+        y = h.hold("y")  # room for y: it must not wait behind x
+        await y.leased.wait()
+        y.release()
+        await y.task
+        never.set_result(None)
+        x.crash(0)
+        await unloading
+        await again.leased.wait()
+        again.release()
+        await again.task
+    run(scenario)
+
+
+def test_a_worker_dying_right_after_ready_is_a_failed_load_and_frees_its_place() -> None:
+    async def scenario() -> None:
+        h = Harness("a", "b", max_models=1, auto_ready=False)
+        first = asyncio.create_task(_use(h, "a"))
+        await until(lambda: len(h.launched) == 1, "a launched")
+        h.launched[0].ready.set_result(INFO)
+        h.launched[0].crash(-9)  # before the load task resumes
+        with pytest.raises(PoolError) as err:
+            await first
+        assert err.value.kind is ErrorKind.LOAD_FAILED and "right after loading" in err.value.message
+        assert h.status("a") == "failed"
+        b = asyncio.create_task(_use(h, "b"))  # a holds no place any more
+        await until(lambda: len(h.launched) == 2, "b launched")
+        h.launched[1].ready.set_result(INFO)
+        await b
+    run(scenario)
+
+
+def test_a_loading_model_is_stopped_at_once() -> None:
+    async def scenario() -> None:
+        h = Harness("a", auto_ready=False)
+        waiter = asyncio.create_task(_use(h, "a"))
+        await until(lambda: len(h.launched) == 1, "a loading")
+        await h.pool.unload("a")
+        assert h.launched[0].stops == [0]  # no grace for a load
+        with pytest.raises(PoolError) as err:
+            await waiter
+        assert err.value.kind is ErrorKind.UNAVAILABLE
+    run(scenario)
+
+
+def test_unload_clears_the_backoff() -> None:
+    async def scenario() -> None:
+        h = Harness("bad", auto_ready=False)
+        task = asyncio.create_task(_use(h, "bad"))
+        await until(lambda: len(h.launched) == 1, "launched")
+        h.launched[0].ready.set_exception(WorkerStartError("corrupt"))
+        with pytest.raises(PoolError):
+            await task
+        await h.pool.unload("bad")
+        h.auto_ready = True
+        await _use(h, "bad")  # no backoff left: a fresh worker at once
+        assert len(h.launched) == 2
+    run(scenario)
+
+
+def test_an_estimate_that_fails_is_no_error_and_is_tried_again() -> None:
+    async def scenario() -> None:
+        h = Harness("a")
+        h.estimate_error = OverflowError("absurd header")
+        await _use(h, "a")  # loads on the process overhead alone
+        await h.pool.unload("a")
+        h.estimate_error = None
+        await _use(h, "a")
+        assert h.estimates == 2  # the failure was not cached
     run(scenario)

@@ -141,6 +141,7 @@ def test_a_client_leaving_the_queue_affects_nothing(tmp_path: Path, models_dir: 
         assert models["tiny-a"]["status"]["value"] == "unloaded"  # type: ignore[index]
         assert models["tiny-a"]["waiting"] == 0 and "queued" not in models["tiny-a"]["status"]  # type: ignore[operator]
         assert not any("model tiny-a loaded" in line for line in d.lines)
+        assert not any("Traceback" in line for line in d.lines), d.log()  # a quiet departure
 
 
 def test_idle_ttl_unloads_reloads_on_demand_and_spares_pinned(
