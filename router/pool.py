@@ -20,11 +20,10 @@ from typing import Any
 
 from protocol.errors import ErrorKind
 from protocol.messages import WorkerConfig
-from router.admission import MIB, Admit, Holder, Refuse, Wait, plan
+from router.admission import MIB, Admit, Refuse, Wait, plan
 from router.catalog import Catalog
 from router.footprint import Estimate
 from router.slots import (
-    HOLDING,
     Failure,
     Launcher,
     Memory,
@@ -34,6 +33,8 @@ from router.slots import (
     Slot,
     WorkerHandle,
     backoff_error,
+    holders,
+    memory_budget,
     refusal_error,
 )
 from router.supervisor import WorkerStartError
@@ -308,8 +309,10 @@ class Pool:
                 slot.admission = None
                 fut.set_result(None)
                 continue
-            available = self._available()
-            decision = plan(slot.need, self._holders(slot), self.settings.max_models, available)
+            slots = list(self._slots.values())
+            available = memory_budget(slots, self._memory, self.settings.memory_margin)
+            decision = plan(slot.need, holders(slots, slot, self._memory), self.settings.max_models,
+                            available)
             if isinstance(decision, Wait):
                 if slot.wait_reason != decision.reason:
                     log.info("model %s waits to load: %s", slot.entry.name, decision.reason)
@@ -327,34 +330,6 @@ class Pool:
             evictions = [self._evict(self._slots[name], slot) for name in decision.victims]
             self._begin_load(slot, evictions)
             fut.set_result(None)
-
-    def _holders(self, exclude: Slot) -> list[Holder]:
-        holders = []
-        for s in self._slots.values():
-            if s is exclude or s.status not in HOLDING:
-                continue
-            idle = (s.status is ModelStatus.LOADED and s.in_flight == 0 and s.worker is not None
-                    and s.worker.alive)
-            holders.append(Holder(s.entry.name, idle and not s.entry.policy.pinned,
-                                  s.entry.policy.pinned, s.last_used, self._claim(s)))
-        return holders
-
-    def _claim(self, slot: Slot) -> int:
-        """What a live model holds, or will once loaded: its estimate or its RSS if larger."""
-        return max(slot.need, self.rss(slot) or 0)
-
-    def _available(self) -> int:
-        """Free memory minus the margin, minus what live models claim beyond what the kernel
-        already counts as used. Mapped weights look "available" to the kernel (page cache)
-        though dropping them would thrash, and a loading model has not touched its memory
-        yet: both are subtracted here. The kernel does count the anonymous part of RSS."""
-        claimed = 0
-        for s in self._slots.values():
-            if s.status in HOLDING:
-                weights = s.estimate.weights if s.estimate else 0
-                counted = max(0, (self.rss(s) or 0) - weights)
-                claimed += self._claim(s) - counted
-        return self._memory.available() - self.settings.memory_margin - claimed
 
     def _begin_load(self, slot: Slot, evictions: list[asyncio.Task[None]]) -> asyncio.Task[WorkerHandle]:
         slot.status = ModelStatus.LOADING  # holds its place from now, even while victims stop

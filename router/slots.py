@@ -2,7 +2,8 @@
 
 A `Slot` is one catalog model's state. `WorkerHandle`, `Launcher` and `Memory` are
 the pool's only ways to touch processes and the machine: the daemon passes the real
-ones (router.supervisor, router.footprint), tests pass fakes.
+ones (router.supervisor, router.footprint), tests pass fakes. The functions at the end
+turn slots into what `admission.plan` decides on, and its answers into errors.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Protocol
 
 from protocol.errors import ErrorKind
 from protocol.messages import ModelInfo
-from router.admission import MIB, Refuse
+from router.admission import MIB, Holder, Refuse
 from router.catalog import ModelEntry
 from router.footprint import Estimate, mib
 
@@ -133,3 +134,39 @@ def refusal_error(slot: Slot, decision: Refuse, available: int, margin: int) -> 
                      f"model {name!r} does not fit in memory: it needs {need}; "
                      f"{mib(max(0, available + margin))} is available and memory_margin_mb keeps "
                      f"{mib(margin)} free")
+
+
+# ---- what live models hold, as admission.plan sees it --------------------------------
+
+
+def _claim(slot: Slot, memory: Memory) -> int:
+    """What a live model holds, or will once loaded: its estimate or its RSS if larger."""
+    pid = slot.worker.pid if slot.worker is not None else None
+    return max(slot.need, (memory.rss(pid) if pid is not None else None) or 0)
+
+
+def holders(slots: list[Slot], exclude: Slot, memory: Memory) -> list[Holder]:
+    out = []
+    for s in slots:
+        if s is exclude or s.status not in HOLDING:
+            continue
+        idle = (s.status is ModelStatus.LOADED and s.in_flight == 0 and s.worker is not None
+                and s.worker.alive)
+        out.append(Holder(s.entry.name, idle and not s.entry.policy.pinned, s.entry.policy.pinned,
+                          s.last_used, _claim(s, memory)))
+    return out
+
+
+def memory_budget(slots: list[Slot], memory: Memory, margin: int) -> int:
+    """Free memory minus the margin, minus what live models claim beyond what the kernel
+    already counts as used. Mapped weights look "available" to the kernel (page cache)
+    though dropping them would thrash, and a loading model has not touched its memory
+    yet: both are subtracted here. The kernel does count the anonymous part of RSS."""
+    claimed = 0
+    for s in slots:
+        if s.status in HOLDING:
+            pid = s.worker.pid if s.worker is not None else None
+            rss = (memory.rss(pid) if pid is not None else None) or 0
+            weights = s.estimate.weights if s.estimate else 0
+            claimed += _claim(s, memory) - max(0, rss - weights)
+    return memory.available() - margin - claimed
