@@ -36,6 +36,7 @@ from router.slots import (
     holders,
     memory_budget,
     refusal_error,
+    stopped_under_us,
 )
 from router.supervisor import WorkerStartError
 
@@ -241,11 +242,8 @@ class Pool:
         try:
             await asyncio.shield(fut)
         except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if fut.cancelled() and not (current and current.cancelling()):
-                why = "modelherd is shutting down" if self._closed else "it was unloaded"
-                raise PoolError(ErrorKind.UNAVAILABLE,
-                                f"model {slot.entry.name!r} was waiting to load and {why}") from None
+            if stopped_under_us(fut):
+                raise self._stopped_error(slot, "waiting to load") from None
             raise
         finally:
             slot.admission_waiters -= 1
@@ -254,6 +252,10 @@ class Pool:
                 log.info("model %s left the load queue: nobody waits for it any more", slot.entry.name)
                 self._dequeue(slot)
                 self._pump()
+
+    def _stopped_error(self, slot: Slot, doing: str) -> PoolError:
+        why = "modelherd is shutting down" if self._closed else "it was unloaded"
+        return PoolError(ErrorKind.UNAVAILABLE, f"model {slot.entry.name!r} was {doing} and {why}")
 
     async def _estimate(self, slot: Slot) -> Estimate | None:
         fut = self._estimates.get(slot.entry.name)
@@ -279,11 +281,8 @@ class Pool:
         try:
             worker = await asyncio.shield(task)
         except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if task.cancelled() and not (current and current.cancelling()):
-                why = "modelherd is shutting down" if self._closed else "it was unloaded"
-                raise PoolError(ErrorKind.UNAVAILABLE,
-                                f"model {slot.entry.name!r} was loading and {why}") from None
+            if stopped_under_us(task):
+                raise self._stopped_error(slot, "loading") from None
             raise
         if not worker.alive:  # it ended between its load and this request's turn
             raise PoolError(*worker.gone_error())
@@ -497,3 +496,4 @@ class Pool:
     def _own(self, task: asyncio.Task[Any]) -> None:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+

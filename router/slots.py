@@ -13,7 +13,7 @@ import enum
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from protocol.errors import ErrorKind
 from protocol.messages import ModelInfo
@@ -170,3 +170,10 @@ def memory_budget(slots: list[Slot], memory: Memory, margin: int) -> int:
             weights = s.estimate.weights if s.estimate else 0
             claimed += _claim(s, memory) - max(0, rss - weights)
     return memory.available() - margin - claimed
+
+
+def stopped_under_us(awaited: asyncio.Future[Any]) -> bool:
+    """Our wait ended because what we awaited was cancelled (an unload, a shutdown), not
+    because our own task was: the first gets an answer, the second propagates."""
+    current = asyncio.current_task()
+    return awaited.cancelled() and not (current and current.cancelling())

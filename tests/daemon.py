@@ -192,3 +192,13 @@ def read_to_end(sock: socket.socket, received: bytes = b"") -> bytes:
             break
         received += chunk
     return received
+
+
+def freeze_mid_stream(d: Daemon, model: str) -> tuple[int, socket.socket, bytes]:
+    """Load `model`, start a long raw stream on it, then SIGSTOP its worker: the request is
+    in flight and cannot finish until the test sends SIGCONT. (worker pid, socket, bytes read)"""
+    pid = d.load(model)["pid"]
+    assert isinstance(pid, int)
+    sock, received = open_stream(d.port, model)
+    os.kill(pid, signal.SIGSTOP)
+    return pid, sock, received

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from tests.conftest import write_config
-from tests.daemon import Daemon, open_stream, read_to_end
+from tests.daemon import Daemon, freeze_mid_stream, read_to_end
 
 LONG = "org/tiny-long"
 
@@ -38,18 +38,10 @@ def draining(tmp_path: Path, models_dir: Path, isolated_env: dict[str, str]) -> 
         yield d
 
 
-def _freeze_mid_stream(d: Daemon) -> tuple[int, object, bytes]:
-    pid = d.load(LONG)["pid"]
-    assert isinstance(pid, int)
-    sock, received = open_stream(d.port, LONG)
-    os.kill(pid, signal.SIGSTOP)  # the stream cannot finish before the test lets it
-    return pid, sock, received
-
-
 def test_sigterm_drains_a_running_stream_to_completion(draining: Daemon) -> None:
     d = draining
     assert d.proc is not None
-    pid, sock, received = _freeze_mid_stream(d)
+    pid, sock, received = freeze_mid_stream(d, LONG)
     try:
         mark = d.mark()
         d.proc.send_signal(signal.SIGTERM)
@@ -61,8 +53,8 @@ def test_sigterm_drains_a_running_stream_to_completion(draining: Daemon) -> None
         assert d.proc.poll() is None
     finally:
         os.kill(pid, signal.SIGCONT)
-    body = read_to_end(sock, received)  # type: ignore[arg-type]
-    sock.close()  # type: ignore[attr-defined]
+    body = read_to_end(sock, received)
+    sock.close()
     assert b"data: [DONE]" in body and b'"error"' not in body
     assert d.proc.wait(60) == 0  # by itself: the drain ends when nothing is in flight
     d.wait_for_log(r"drained: no request in flight", start=mark)
@@ -73,15 +65,15 @@ def test_sigterm_drains_a_running_stream_to_completion(draining: Daemon) -> None
 def test_a_second_signal_skips_the_wait(draining: Daemon) -> None:
     d = draining
     assert d.proc is not None
-    pid, sock, received = _freeze_mid_stream(d)
+    pid, sock, received = freeze_mid_stream(d, LONG)
     mark = d.mark()
     d.proc.send_signal(signal.SIGTERM)
     d.wait_for_log(r"draining: refusing new requests", start=mark)
     d.proc.send_signal(signal.SIGTERM)
     # Without the second signal this would wait out the 300 s grace.
     assert d.proc.wait(60) == 0
-    body = read_to_end(sock, received)  # type: ignore[arg-type]
-    sock.close()  # type: ignore[attr-defined]
+    body = read_to_end(sock, received)
+    sock.close()
     assert b"data: [DONE]" not in body  # cut short, as asked, and told why
     assert b"modelherd is shutting down" in body
     d.wait_for_log(r"second signal: stopping now", start=mark)
@@ -94,9 +86,9 @@ def test_a_second_signal_skips_the_wait(draining: Daemon) -> None:
 def test_a_second_signal_also_cuts_the_workers_grace(draining: Daemon) -> None:
     d = draining
     assert d.proc is not None
-    _pid, sock, _ = _freeze_mid_stream(d)
+    _pid, sock, _ = freeze_mid_stream(d, LONG)
     mark = d.mark()
-    sock.close()  # type: ignore[attr-defined]
+    sock.close()
     # The router is idle once it noticed; the frozen worker still has the request.
     d.wait_until(lambda: d.models()[LONG]["in_flight"] == 0, "the router saw the client go")
     d.proc.send_signal(signal.SIGTERM)
@@ -110,11 +102,11 @@ def test_the_drain_ends_at_stop_timeout_with_an_error_event(tmp_path: Path, mode
                                                             isolated_env: dict[str, str]) -> None:
     with _daemon(tmp_path, models_dir, isolated_env, 1) as d:
         assert d.proc is not None
-        _pid, sock, received = _freeze_mid_stream(d)  # frozen for good: only the deadline ends it
+        _pid, sock, received = freeze_mid_stream(d, LONG)  # frozen for good: only the deadline ends it
         mark = d.mark()
         d.proc.send_signal(signal.SIGTERM)
-        body = read_to_end(sock, received)  # type: ignore[arg-type]
-        sock.close()  # type: ignore[attr-defined]
+        body = read_to_end(sock, received)
+        sock.close()
         assert b"modelherd is shutting down" in body and b"data: [DONE]" not in body
         assert d.proc.wait(60) == 0
         d.wait_for_log(r"drain timeout: stopping with requests still in flight", start=mark)

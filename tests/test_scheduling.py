@@ -18,7 +18,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.daemon import Daemon, open_stream, read_to_end
+from tests.daemon import Daemon, freeze_mid_stream, read_to_end
 
 MIB = 1024 * 1024
 LONG = "long"  # n_ctx 8192: a generation that outlives the test's actions
@@ -83,10 +83,7 @@ def test_busy_model_is_not_evicted_and_the_waiter_is_served_when_it_finishes(
         tmp_path: Path, models_dir: Path, isolated_env: dict[str, str]) -> None:
     config = _config(tmp_path / "c.toml", models_dir)
     with Daemon("--config", str(config), "--max-models", "1", env=isolated_env) as d:
-        pid = d.load(LONG)["pid"]
-        assert isinstance(pid, int)
-        sock, received = open_stream(d.port, LONG)
-        os.kill(pid, signal.SIGSTOP)  # busy, and stays busy until the test says so
+        pid, sock, received = freeze_mid_stream(d, LONG)  # busy until the test says so
         mark = d.mark()
         result: dict[str, httpx.Response] = {}
 
@@ -118,10 +115,7 @@ def test_a_client_leaving_the_queue_affects_nothing(tmp_path: Path, models_dir: 
                                                      isolated_env: dict[str, str]) -> None:
     config = _config(tmp_path / "c.toml", models_dir)
     with Daemon("--config", str(config), "--max-models", "1", env=isolated_env) as d:
-        pid = d.load(LONG)["pid"]
-        assert isinstance(pid, int)
-        stream, received = open_stream(d.port, LONG)
-        os.kill(pid, signal.SIGSTOP)
+        pid, stream, received = freeze_mid_stream(d, LONG)
         try:
             mark = d.mark()
             queued = socket.create_connection(("127.0.0.1", d.port), timeout=30)
@@ -242,10 +236,7 @@ def test_unloading_a_busy_model_lets_its_request_finish_within_the_grace(
         tmp_path: Path, models_dir: Path, isolated_env: dict[str, str]) -> None:
     config = _config(tmp_path / "c.toml", models_dir, server="stop_timeout = 300")
     with Daemon("--config", str(config), env=isolated_env) as d:
-        pid = d.load(LONG)["pid"]
-        assert isinstance(pid, int)
-        sock, received = open_stream(d.port, LONG)
-        os.kill(pid, signal.SIGSTOP)
+        pid, sock, received = freeze_mid_stream(d, LONG)
         mark = d.mark()
         unloaded: dict[str, httpx.Response] = {}
 
@@ -278,10 +269,7 @@ def test_waiters_are_served_in_order_and_share_one_eviction(
         tmp_path: Path, models_dir: Path, isolated_env: dict[str, str]) -> None:
     config = _config(tmp_path / "c.toml", models_dir)
     with Daemon("--config", str(config), "--max-models", "1", env=isolated_env) as d:
-        pid = d.load(LONG)["pid"]
-        assert isinstance(pid, int)
-        sock, received = open_stream(d.port, LONG)
-        os.kill(pid, signal.SIGSTOP)
+        pid, sock, received = freeze_mid_stream(d, LONG)
         mark = d.mark()
         results: dict[str, int] = {}
 
