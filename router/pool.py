@@ -34,8 +34,10 @@ from router.slots import (
     WorkerHandle,
     backoff_error,
     holders,
+    live_rss,
     memory_budget,
     refusal_error,
+    slot_rss,
     stopped_under_us,
 )
 from router.supervisor import WorkerStartError
@@ -81,8 +83,7 @@ class Pool:
         return self._slots[entry.name] if entry else None
 
     def rss(self, slot: Slot) -> int | None:
-        pid = slot.worker.pid if slot.worker is not None else None
-        return self._memory.rss(pid) if pid is not None else None
+        return slot_rss(slot, self._memory)
 
     @property
     def idle(self) -> bool:
@@ -309,9 +310,9 @@ class Pool:
                 fut.set_result(None)
                 continue
             slots = list(self._slots.values())
-            available = memory_budget(slots, self._memory, self.settings.memory_margin)
-            decision = plan(slot.need, holders(slots, slot, self._memory), self.settings.max_models,
-                            available)
+            rss = live_rss(slots, self._memory)
+            available = memory_budget(slots, rss, self._memory.available(), self.settings.memory_margin)
+            decision = plan(slot.need, holders(slots, slot, rss), self.settings.max_models, available)
             if isinstance(decision, Wait):
                 if slot.wait_reason != decision.reason:
                     log.info("model %s waits to load: %s", slot.entry.name, decision.reason)
@@ -377,7 +378,7 @@ class Pool:
                 raise WorkerStartError(f"the worker exited right after loading ({worker.describe_exit()})")
         except WorkerStartError as exc:
             slot.worker = None
-            self._fail(slot, Failure(exc.message, worker.exit_code, list(worker.log_tail), time.time()),
+            self._fail(slot, Failure(exc.message, worker.exit_code, list(worker.log_tail)),
                        load=True)
             raise PoolError(ErrorKind.LOAD_FAILED, f"model {name!r} failed to load: {exc.message}",
                             retry_after=math.ceil(slot.retry_at - self._clock())) from exc
@@ -426,7 +427,7 @@ class Pool:
                 slot.status = ModelStatus.UNLOADED
             return
         self._fail(slot, Failure(f"worker exited unexpectedly ({worker.describe_exit()})",
-                                 worker.exit_code, list(worker.log_tail), time.time()), load=False)
+                                 worker.exit_code, list(worker.log_tail)), load=False)
         log.error("model %s failed: %s", slot.entry.name, slot.failure.message if slot.failure else "")
 
     # ---- stopping ---------------------------------------------------------------

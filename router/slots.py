@@ -84,7 +84,6 @@ class Failure:
     message: str
     exit_code: int | None
     log_tail: list[str]
-    at: float
 
 
 @dataclass
@@ -139,25 +138,31 @@ def refusal_error(slot: Slot, decision: Refuse, available: int, margin: int) -> 
 # ---- what live models hold, as admission.plan sees it --------------------------------
 
 
-def _claim(slot: Slot, memory: Memory) -> int:
-    """What a live model holds, or will once loaded: its estimate or its RSS if larger."""
+def slot_rss(slot: Slot, memory: Memory) -> int | None:
+    """The real size of the model's worker, if it has one."""
     pid = slot.worker.pid if slot.worker is not None else None
-    return max(slot.need, (memory.rss(pid) if pid is not None else None) or 0)
+    return memory.rss(pid) if pid is not None else None
 
 
-def holders(slots: list[Slot], exclude: Slot, memory: Memory) -> list[Holder]:
+def holders(slots: list[Slot], exclude: Slot, rss: dict[str, int]) -> list[Holder]:
+    """`rss`: each live model's RSS, read once per decision (see `live_rss`)."""
     out = []
     for s in slots:
         if s is exclude or s.status not in HOLDING:
             continue
         idle = (s.status is ModelStatus.LOADED and s.in_flight == 0 and s.worker is not None
                 and s.worker.alive)
+        claim = max(s.need, rss[s.entry.name])  # its estimate, or its RSS if larger
         out.append(Holder(s.entry.name, idle and not s.entry.policy.pinned, s.entry.policy.pinned,
-                          s.last_used, _claim(s, memory)))
+                          s.last_used, claim))
     return out
 
 
-def memory_budget(slots: list[Slot], memory: Memory, margin: int) -> int:
+def live_rss(slots: list[Slot], memory: Memory) -> dict[str, int]:
+    return {s.entry.name: slot_rss(s, memory) or 0 for s in slots if s.status in HOLDING}
+
+
+def memory_budget(slots: list[Slot], rss: dict[str, int], available: int, margin: int) -> int:
     """Free memory minus the margin, minus what live models claim beyond what the kernel
     already counts as used. Mapped weights look "available" to the kernel (page cache)
     though dropping them would thrash, and a loading model has not touched its memory
@@ -165,11 +170,10 @@ def memory_budget(slots: list[Slot], memory: Memory, margin: int) -> int:
     claimed = 0
     for s in slots:
         if s.status in HOLDING:
-            pid = s.worker.pid if s.worker is not None else None
-            rss = (memory.rss(pid) if pid is not None else None) or 0
+            used = rss[s.entry.name]
             weights = s.estimate.weights if s.estimate else 0
-            claimed += _claim(s, memory) - max(0, rss - weights)
-    return memory.available() - margin - claimed
+            claimed += max(s.need, used) - max(0, used - weights)
+    return available - margin - claimed
 
 
 def stopped_under_us(awaited: asyncio.Future[Any]) -> bool:
