@@ -7,6 +7,10 @@ a separate payload frame so neither side re-encodes them.
 Conversation:  worker Hello -> router Configure -> worker LoadProgress* ->
 worker Ready | LoadFailed. Then Request/Cancel down, ResponseHead, BodyChunk*,
 ResponseEnd | ResponseError up. Heartbeat both ways; Shutdown down.
+
+Resumable streams: a Request may name a stream key; the worker then keeps the
+SSE bytes it sends. StreamRead is answered like a Request (head, chunks, end);
+StreamLookup and StreamDelete are answered with one StreamStates.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import msgspec
 
 from protocol.errors import ErrorKind
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 _TAG = "t"
 
@@ -60,6 +64,22 @@ class WorkerConfig(msgspec.Struct, frozen=True):
     options: dict[str, OptionValue] = {}
 
 
+class StreamSettings(msgspec.Struct, frozen=True):
+    """How a worker keeps resumable streams (server-wide, not per model)."""
+
+    buffer_bytes: int = 4 * 1024 * 1024  # per stream; the oldest bytes go first
+    retention_s: float = 300.0  # a finished stream is kept this long
+    max_streams: int = 100_000  # finished ones beyond this are freed, oldest first
+
+
+class StreamState(msgspec.Struct, frozen=True):
+    key: str
+    is_done: bool
+    total_bytes: int  # every byte ever written, including those dropped from the buffer
+    started_at: float  # Unix seconds
+    completed_at: float  # Unix seconds; 0 while running
+
+
 class ModelInfo(msgspec.Struct, frozen=True):
     """What a worker learned by loading its model, reported in Ready."""
 
@@ -78,17 +98,51 @@ class ModelInfo(msgspec.Struct, frozen=True):
 
 class Configure(msgspec.Struct, tag="configure", tag_field=_TAG, frozen=True):
     model: WorkerConfig
+    streams: StreamSettings = StreamSettings()
 
 
 class Request(msgspec.Struct, tag="request", tag_field=_TAG, frozen=True):
-    """Payload frame: the client's HTTP body, unparsed by the router."""
+    """Payload frame: the client's HTTP body, unparsed by the router.
+
+    With `stream_key`, a streaming answer is kept for resuming and survives the
+    client: the router sends Detach instead of Cancel when the client leaves."""
 
     req_id: int
     endpoint: Endpoint
+    stream_key: str | None = None
 
 
 class Cancel(msgspec.Struct, tag="cancel", tag_field=_TAG, frozen=True):
+    """Stop a request (its generation, or a StreamRead's replay)."""
+
     req_id: int
+
+
+class Detach(msgspec.Struct, tag="detach", tag_field=_TAG, frozen=True):
+    """The client of a resumable request left: keep generating, stop sending chunks,
+    still send ResponseEnd when the generation is over."""
+
+    req_id: int
+
+
+class StreamRead(msgspec.Struct, tag="stream_read", tag_field=_TAG, frozen=True):
+    """Replay a kept stream from absolute byte `offset`, then follow it live."""
+
+    req_id: int
+    key: str
+    offset: int
+
+
+class StreamLookup(msgspec.Struct, tag="stream_lookup", tag_field=_TAG, frozen=True):
+    req_id: int
+    keys: list[str]
+
+
+class StreamDelete(msgspec.Struct, tag="stream_delete", tag_field=_TAG, frozen=True):
+    """Stop the streams' generations and free their buffers; answered with what was removed."""
+
+    req_id: int
+    keys: list[str]
 
 
 class Shutdown(msgspec.Struct, tag="shutdown", tag_field=_TAG, frozen=True):
@@ -143,6 +197,13 @@ class ResponseEnd(msgspec.Struct, tag="end", tag_field=_TAG, frozen=True):
     req_id: int
 
 
+class StreamStates(msgspec.Struct, tag="stream_states", tag_field=_TAG, frozen=True):
+    """The answer to StreamLookup (the keys known) or StreamDelete (the keys removed)."""
+
+    req_id: int
+    states: list[StreamState]
+
+
 class ResponseError(msgspec.Struct, tag="error", tag_field=_TAG, frozen=True):
     """A request failed before its head was sent; the router renders the HTTP error."""
 
@@ -152,7 +213,9 @@ class ResponseError(msgspec.Struct, tag="error", tag_field=_TAG, frozen=True):
     param: str | None = None
 
 
-Downstream = Configure | Request | Cancel | Shutdown | Heartbeat
+Downstream = (
+    Configure | Request | Cancel | Detach | StreamRead | StreamLookup | StreamDelete | Shutdown | Heartbeat
+)
 Upstream = (
     Hello
     | LoadProgress
@@ -163,6 +226,7 @@ Upstream = (
     | BodyChunk
     | ResponseEnd
     | ResponseError
+    | StreamStates
     | Heartbeat
 )
 

@@ -19,9 +19,11 @@ from router import models_api
 from router.auth import APIKeyMiddleware
 from router.bridge import Bridge
 from router.config import Settings
-from router.errors import error_response
+from router.convs import Tracker
+from router.errors import HTTPError, error_response
 from router.pool import Pool
 from router.proxy import OpenAIRoute
+from router.streams_api import Streams
 
 log = logging.getLogger("modelherd.app")
 
@@ -42,8 +44,11 @@ def build_app(settings: Settings, pool: Pool, bridge: Bridge) -> Starlette:
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
+    streams = Streams(pool, bridge, Tracker(server.max_conversations, server.stream_retention),
+                      server.stream_fanout_timeout)
+
     def proxied(endpoint: Endpoint) -> OpenAIRoute:
-        return OpenAIRoute(endpoint, pool, bridge, server.max_body_bytes, server.autoload)
+        return OpenAIRoute(endpoint, pool, bridge, streams, server.max_body_bytes, server.autoload)
 
     routes = [
         Route("/health", health, methods=["GET"]),
@@ -51,6 +56,7 @@ def build_app(settings: Settings, pool: Pool, bridge: Bridge) -> Starlette:
         Route("/v1/completions", proxied(Endpoint.COMPLETION), methods=["POST"]),
         Route("/v1/embeddings", proxied(Endpoint.EMBEDDING), methods=["POST"]),
         *models_api.routes(pool),
+        *streams.routes(),
     ]
 
     async def http_error(request: Request, exc: Exception) -> Response:
@@ -61,6 +67,10 @@ def build_app(settings: Settings, pool: Pool, bridge: Bridge) -> Starlette:
         response.headers.update(exc.headers or {})  # e.g. Allow on a 405
         return response
 
+    async def our_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPError)
+        return error_response(exc.kind, exc.message, exc.param, retry_after=exc.retry_after)
+
     async def server_error(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(ErrorKind.INTERNAL, "internal server error")
@@ -68,6 +78,6 @@ def build_app(settings: Settings, pool: Pool, bridge: Bridge) -> Starlette:
     return Starlette(
         routes=routes,
         middleware=[Middleware(APIKeyMiddleware, keys=server.api_keys)],
-        exception_handlers={HTTPException: http_error, Exception: server_error},
+        exception_handlers={HTTPException: http_error, HTTPError: our_error, Exception: server_error},
         lifespan=lifespan,
     )

@@ -22,14 +22,23 @@ import zmq
 
 from protocol.codec import ProtocolError, RouterCodec
 from protocol.errors import ErrorKind
-from protocol.messages import BodyChunk, Downstream, ResponseEnd, ResponseError, ResponseHead, Upstream
+from protocol.messages import (
+    BodyChunk,
+    Downstream,
+    ResponseEnd,
+    ResponseError,
+    ResponseHead,
+    StreamStates,
+    Upstream,
+)
 
 log = logging.getLogger("modelherd.bridge")
 
 # What a request's queue carries: a response message and its payload, if any.
-Item = tuple[ResponseHead | BodyChunk | ResponseEnd | ResponseError, bytes | None]
+Response = ResponseHead | BodyChunk | ResponseEnd | ResponseError | StreamStates
+Item = tuple[Response, bytes | None]
 PeerHandler = Callable[[Upstream], None]
-_RESPONSES = (ResponseHead, BodyChunk, ResponseEnd, ResponseError)
+_RESPONSES = (ResponseHead, BodyChunk, ResponseEnd, ResponseError, StreamStates)
 
 
 class PeerUnreachable(Exception):
@@ -107,6 +116,23 @@ class Bridge:
             # The zmq FD is edge-triggered and a send may consume the edge that
             # announced incoming messages: have the reader look again.
             self._readable.set()
+
+    async def ask(self, identity: bytes, make: Callable[[int], Downstream], within: float) -> Response | None:
+        """Send one request and await its one-message answer; None if the worker is gone or
+        does not answer `within` seconds (a slow worker must never hang the caller)."""
+        req_id, queue = self.open_stream(identity)
+        try:
+            self.send(identity, make(req_id))
+            async with asyncio.timeout(within):
+                msg, _ = await queue.get()
+            return msg
+        except (PeerUnreachable, TimeoutError):
+            return None
+        finally:
+            self.close_stream(req_id)
+
+    def connected(self, identity: bytes) -> bool:
+        return identity in self._peers
 
     # ---- reader --------------------------------------------------------------
 

@@ -49,6 +49,13 @@ class ServerSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Memory kept free when admitting a model: it loads only if its estimate fits in
     # what the system has available minus this.
     memory_margin_mb: Annotated[int, Meta(ge=0)] = 512
+    # Resumable streams (X-Conversation-Id): bytes kept per stream (the oldest go first),
+    # seconds a finished stream stays resumable, conversations tracked (LRU), and how long
+    # a lookup or delete waits for each worker before answering without it.
+    stream_buffer_bytes: Annotated[int, Meta(ge=1024)] = 4 * 1024 * 1024
+    stream_retention: Annotated[float, Meta(ge=0)] = 300.0
+    max_conversations: Annotated[int, Meta(ge=1)] = 100_000
+    stream_fanout_timeout: Annotated[float, Meta(gt=0)] = 0.25
 
 
 class BackendOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

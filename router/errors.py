@@ -15,11 +15,16 @@ RETRY_AFTER_S = {429: 1, 503: 5}
 class HTTPError(Exception):
     """Raised inside a handler; rendered as {"error": {...}} with the kind's status."""
 
-    def __init__(self, kind: ErrorKind, message: str, param: str | None = None) -> None:
+    def __init__(self, kind: ErrorKind, message: str, param: str | None = None,
+                 retry_after: int | None = None) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.param = param
+        self.retry_after = retry_after
+
+    async def send(self, send: Send) -> None:
+        await send_error(send, self.kind, self.message, self.param, self.retry_after)
 
 
 def _headers(status: int, length: int, retry_after: int | None) -> list[tuple[bytes, bytes]]:

@@ -1,33 +1,36 @@
 """The hot path: the OpenAI routes that proxy a request to its model's worker.
 
 The router reads the body once, peeks at `model` and `stream`, and hands the
-raw bytes to the worker. The worker answers with a head, body chunks already
-rendered as the client will see them, and an end; this module only relays.
+raw bytes to the worker, whose answer `relay` writes out unchanged.
+
+A streaming request with `X-Conversation-Id` is resumable: it is recorded in
+the conversation tracker before its model loads, and when its client leaves it
+goes on (the worker keeps the bytes) instead of being cancelled.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import msgspec
 from starlette.types import Receive, Scope, Send
 
-from protocol.errors import ErrorKind, param_of, sse_error_event
-from protocol.messages import BodyChunk, Cancel, Endpoint, Request, ResponseEnd, ResponseError, ResponseHead
-from router.bridge import Bridge, Item, PeerUnreachable
+from protocol.errors import ErrorKind, param_of
+from protocol.messages import Endpoint, Request
+from router.bridge import Bridge
+from router.convs import header_conversation_id
 from router.errors import HTTPError, send_error
 from router.pool import Pool
-from router.slots import PoolError, WorkerHandle
+from router.relay import Detachable, relay, watch_disconnect
+from router.slots import PoolError
+
+if TYPE_CHECKING:
+    from router.streams_api import Streams
 
 log = logging.getLogger("modelherd.proxy")
-
-SSE = "text/event-stream"
-_SSE_HEADERS = [
-    (b"content-type", b"text/event-stream; charset=utf-8"),
-    (b"cache-control", b"no-cache"),
-    (b"x-accel-buffering", b"no"),
-]
 
 
 class _Routed(msgspec.Struct):
@@ -44,11 +47,12 @@ class ClientGone(Exception):
 class OpenAIRoute:
     """Pure ASGI app for one proxied route (chat, completions or embeddings)."""
 
-    def __init__(self, endpoint: Endpoint, pool: Pool, bridge: Bridge,
+    def __init__(self, endpoint: Endpoint, pool: Pool, bridge: Bridge, streams: Streams,
                  max_body: int, autoload: bool) -> None:
         self._endpoint = endpoint
         self._pool = pool
         self._bridge = bridge
+        self._streams = streams
         self._max_body = max_body
         self._autoload = autoload
         self._routed = msgspec.json.Decoder(_Routed)
@@ -57,10 +61,16 @@ class OpenAIRoute:
         try:
             body = await read_body(scope, receive, self._max_body)
             routed = parse_routed(self._routed, body)
+            conv_id = None
+            if self._endpoint is not Endpoint.EMBEDDING:
+                conv_id = header_conversation_id(scope)
         except HTTPError as exc:
-            await send_error(send, exc.kind, exc.message, exc.param)
+            await exc.send(send)
             return
         except ClientGone:
+            return
+        if conv_id is not None and routed.stream:
+            await self._resumable(scope, receive, send, body, routed.model, conv_id)
             return
         # From here on a disconnect cancels this task, wherever it waits: in the queue
         # for its model (leaving it, so nothing else is affected) or mid-generation
@@ -68,23 +78,64 @@ class OpenAIRoute:
         handler = asyncio.current_task()
         assert handler is not None
         gone = asyncio.Event()
-        watcher = asyncio.create_task(_watch_disconnect(receive, handler, gone),
-                                      name=f"disconnect-watch:{id(scope)}")
+
+        def left() -> None:
+            gone.set()
+            handler.cancel()
+
+        watcher = asyncio.create_task(watch_disconnect(receive, left), name=f"disconnect-watch:{id(scope)}")
         try:
-            try:
-                async with self._pool.lease(routed.model, self._autoload) as worker:
-                    await relay(self._bridge, worker, self._endpoint, body, send)
-            except HTTPError as exc:
-                await send_error(send, exc.kind, exc.message, exc.param)
-            except PoolError as exc:
-                await send_error(send, exc.kind, exc.message,
-                                 "model" if exc.kind is ErrorKind.NOT_FOUND else None, exc.retry_after)
+            await self._serve(routed.model, body, send)
         except asyncio.CancelledError:  # wherever it lands, the error answer included
             if not gone.is_set():
                 raise
             handler.uncancel()  # our own cancellation: the client left, nothing to answer
         finally:
             watcher.cancel()
+
+    async def _serve(self, model: str, body: bytes, send: Send, stream_key: str | None = None,
+                     bound: Callable[[bytes, int], None] | None = None,
+                     on_lease: Callable[[bytes], None] | None = None) -> bool:
+        """Lease the model's worker and relay its answer; True if that was an event stream."""
+        endpoint = self._endpoint
+        try:
+            async with self._pool.lease(model, self._autoload) as worker:
+                if on_lease is not None:
+                    on_lease(worker.identity)
+                return await relay(self._bridge, worker, lambda req_id: Request(req_id, endpoint, stream_key),
+                                   body, send, bound)
+        except HTTPError as exc:
+            await exc.send(send)
+        except PoolError as exc:
+            await send_error(send, exc.kind, exc.message,
+                             "model" if exc.kind is ErrorKind.NOT_FOUND else None, exc.retry_after)
+        return False
+
+    async def _resumable(self, scope: Scope, receive: Receive, send: Send, body: bytes,
+                         model: str, conv_id: str) -> None:
+        """A resumable POST: its client leaving detaches it instead of cancelling it. It holds
+        its lease until the generation ends, so the pool sees the model busy meanwhile."""
+        handler = asyncio.current_task()
+        assert handler is not None
+        tracker = self._streams.tracker
+        conv = await self._streams.begin(scope, conv_id, model)
+        out = Detachable(send, self._bridge)
+        watcher = asyncio.create_task(watch_disconnect(receive, out.leave), name=f"detach-watch:{id(scope)}")
+        streamed = False
+        try:
+            streamed = await self._serve(model, body, out.send, conv.key, out.bind,
+                                         lambda identity: tracker.assign(conv, identity))
+        except asyncio.CancelledError:
+            if conv.stop_reason is None:
+                raise
+            handler.uncancel()  # a DELETE, or a newer POST for the id, while this one waited
+            await send_error(out.send, ErrorKind.CANCELLED, conv.stop_reason)
+        finally:
+            watcher.cancel()
+            if streamed:
+                tracker.finish(conv)
+            else:  # no stream came of it (an error answer): nothing to resume
+                tracker.remove(conv)
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
@@ -120,83 +171,3 @@ def parse_routed(decoder: msgspec.json.Decoder[_Routed], body: bytes) -> _Routed
     if not routed.model:
         raise HTTPError(ErrorKind.INVALID_REQUEST, "invalid request: `model` must not be empty", "model")
     return routed
-
-
-async def relay(bridge: Bridge, worker: WorkerHandle, endpoint: Endpoint, body: bytes, send: Send) -> None:
-    identity = worker.identity
-    req_id, queue = bridge.open_stream(identity)
-    finished = False
-    try:
-        try:
-            bridge.send(identity, Request(req_id, endpoint), body)
-        except PeerUnreachable as exc:
-            raise HTTPError(*worker.gone_error()) from exc
-        await _pump(queue, send)
-        finished = True
-    finally:
-        bridge.close_stream(req_id)
-        if not finished:  # the client left (or this task was cancelled): stop generating
-            try:
-                bridge.send(identity, Cancel(req_id))
-            except PeerUnreachable:
-                pass
-
-
-async def _pump(queue: asyncio.Queue[Item], send: Send) -> None:
-    """Relay one response until the worker ends it."""
-    head: ResponseHead | None = None
-    buffered: list[bytes] = []
-    held: Item | None = None
-    while True:
-        item = held or await queue.get()
-        held = None
-        msg, payload = item
-        if isinstance(msg, BodyChunk):
-            if head is None or head.content_type != SSE:
-                buffered.append(payload or b"")
-                continue
-            # Tokens that queued up while we were writing go out in one write.
-            parts = [payload or b""]
-            while not queue.empty():
-                nxt = queue.get_nowait()
-                if not isinstance(nxt[0], BodyChunk):
-                    held = nxt
-                    break
-                parts.append(nxt[1] or b"")
-            await send({"type": "http.response.body", "body": b"".join(parts), "more_body": True})
-        elif isinstance(msg, ResponseHead):
-            head = msg
-            if msg.content_type == SSE:
-                await send({"type": "http.response.start", "status": msg.status, "headers": _SSE_HEADERS})
-        elif isinstance(msg, ResponseEnd):
-            await _finish(send, head, buffered)
-            return
-        elif isinstance(msg, ResponseError):
-            if head is None:
-                await send_error(send, msg.kind, msg.message, msg.param)
-            elif head.content_type == SSE:
-                await send({"type": "http.response.body", "body": sse_error_event(msg.kind, msg.message)})
-            else:
-                await send_error(send, msg.kind, msg.message)
-            return
-
-
-async def _finish(send: Send, head: ResponseHead | None, buffered: list[bytes]) -> None:
-    if head is None:  # the worker dropped it without an answer (it was stopping)
-        await send_error(send, ErrorKind.UNAVAILABLE, "the model stopped before answering; retry")
-    elif head.content_type == SSE:
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-    else:
-        body = b"".join(buffered)
-        await send({"type": "http.response.start", "status": head.status, "headers": [
-            (b"content-type", head.content_type.encode()),
-            (b"content-length", str(len(body)).encode()),
-        ]})
-        await send({"type": "http.response.body", "body": body})
-
-
-async def _watch_disconnect(receive: Receive, handler: asyncio.Task[object], gone: asyncio.Event) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    gone.set()
-    handler.cancel()

@@ -20,6 +20,7 @@ import uvicorn
 import zmq
 
 from protocol.errors import ErrorKind
+from protocol.messages import StreamSettings
 from router.admission import MIB
 from router.app import build_app
 from router.bridge import Bridge
@@ -157,10 +158,12 @@ async def _serve(settings: Settings, catalog: Catalog) -> int:
     try:
         bridge = Bridge(ctx, f"ipc://{runtime}/router.sock")
         server = settings.server
+        streams = StreamSettings(server.stream_buffer_bytes, server.stream_retention,
+                                 server.max_conversations)
 
         def launch(entry: ModelEntry, on_progress: ProgressFn,
                    on_exit: Callable[[WorkerHandle], None]) -> WorkerHandle:
-            return WorkerProcess(entry.worker, bridge, server.log_level, on_progress, on_exit)
+            return WorkerProcess(entry.worker, bridge, server.log_level, on_progress, on_exit, streams)
 
         pool = Pool(catalog, PoolSettings(
             max_models=server.max_models, max_waiting=server.max_waiting,

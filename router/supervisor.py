@@ -28,6 +28,7 @@ from protocol.messages import (
     ModelInfo,
     Ready,
     Shutdown,
+    StreamSettings,
     Upstream,
     WorkerConfig,
 )
@@ -50,8 +51,10 @@ class WorkerStartError(Exception):
 class WorkerProcess:
     def __init__(self, config: WorkerConfig, bridge: Bridge, log_level: str,
                  on_progress: Callable[[str, float], None],
-                 on_exit: Callable[[WorkerProcess], None]) -> None:
+                 on_exit: Callable[[WorkerProcess], None],
+                 streams: StreamSettings | None = None) -> None:
         self.config = config
+        self.streams = streams or StreamSettings()
         self.identity = f"{config.name}/{uuid.uuid4().hex[:8]}".encode()
         self.info: ModelInfo | None = None
         self.exit_code: int | None = None
@@ -143,7 +146,7 @@ class WorkerProcess:
                         check_hello(fut.result())  # type: ignore[arg-type]
                     except VersionMismatch as exc:
                         raise WorkerStartError(str(exc)) from exc
-                    self._bridge.send(self.identity, Configure(self.config))
+                    self._bridge.send(self.identity, Configure(self.config, self.streams))
             self.info = self._ready.result()
             return self.info
         except PeerUnreachable as exc:

@@ -22,6 +22,7 @@ from protocol.messages import (
     BodyChunk,
     Cancel,
     Configure,
+    Detach,
     Endpoint,
     Heartbeat,
     Hello,
@@ -34,6 +35,12 @@ from protocol.messages import (
     ResponseError,
     ResponseHead,
     Shutdown,
+    StreamDelete,
+    StreamLookup,
+    StreamRead,
+    StreamSettings,
+    StreamState,
+    StreamStates,
     WorkerConfig,
     WorkerStatus,
 )
@@ -42,10 +49,16 @@ INFO = ModelInfo(backend="llama_cpp", device="cpu", n_ctx=512, n_ctx_train=2048,
                  n_params=115008, file_size=467552, chat_template=True)
 DOWN = [
     (Configure(WorkerConfig(name="m", path="/x.gguf", n_ctx=256, options={"flash_attn": True,
-                                                                          "n_batch": 64})), None),
+                                                                          "n_batch": 64}),
+               StreamSettings(2048, 1.5, 10)), None),
     (Request(7, Endpoint.CHAT), b'{"model": "m"}'),
+    (Request(9, Endpoint.COMPLETION, "owner/conv::m"), b'{"model": "m"}'),
     (Request(8, Endpoint.EMBEDDING), b""),
     (Cancel(7), None),
+    (Detach(9), None),
+    (StreamRead(10, "owner/conv", 123), None),
+    (StreamLookup(11, ["/a", "/b"]), None),
+    (StreamDelete(12, ["/a"]), None),
     (Shutdown("unload"), None),
     (Heartbeat(3), None),
 ]
@@ -59,6 +72,8 @@ UP = [
     (BodyChunk(7), b"data: {}\n\n"),
     (ResponseEnd(7), None),
     (ResponseError(7, ErrorKind.CONTEXT_LENGTH_EXCEEDED, "too long", "messages"), None),
+    (StreamStates(11, [StreamState("/a", True, 4096, 1.7e9, 1.7e9 + 3),
+                       StreamState("/b", False, 0, 1.7e9, 0.0)]), None),
     (Heartbeat(3), None),
 ]
 

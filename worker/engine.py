@@ -32,6 +32,7 @@ from worker.schema import (
     message_text,
     parse,
 )
+from worker.streams import Stream, StreamStore
 
 log = logging.getLogger("modelherd.worker.engine")
 
@@ -57,20 +58,26 @@ class Sink:
         self._sock.close()
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     req_id: int
     endpoint: Endpoint
     body: bytes
     cancel: threading.Event
+    stream: Stream | None = None  # a resumable request: its bytes are kept
+    detached: bool = False  # its client left; the generation goes on for the stream
+    stop_reason: str | None = None  # why it was stopped, when not by its own client
 
 
 class _Reply:
-    """Tracks whether the head went out, so a failure is reported the right way."""
+    """Tracks whether the head went out, so a failure is reported the right way.
+    Every body byte of a resumable request also goes to its stream."""
 
-    def __init__(self, sink: Sink, req_id: int) -> None:
+    def __init__(self, sink: Sink, job: Job, store: StreamStore | None) -> None:
         self.sink = sink
-        self.req_id = req_id
+        self.req_id = job.req_id
+        self.job = job
+        self.store = store
         self.content_type: str | None = None
 
     def head(self, status: int, content_type: str) -> None:
@@ -78,13 +85,24 @@ class _Reply:
         self.sink.send(ResponseHead(self.req_id, status, content_type))
 
     def chunk(self, data: bytes) -> None:
-        self.sink.send(BodyChunk(self.req_id), data)
+        if self.job.stream is not None and self.store is not None:
+            self.store.append(self.job.stream, data)
+        if not self.job.detached:
+            self.sink.send(BodyChunk(self.req_id), data)
 
     def end(self) -> None:
-        self.sink.send(ResponseEnd(self.req_id))
+        stream = self.job.stream
+        if stream is not None and self.store is not None:
+            if self.content_type == SSE:
+                self.store.finish(stream)
+            else:
+                self.store.discard(stream)
+        self.sink.send(ResponseEnd(self.req_id))  # even when detached: the router holds a lease
 
     def fail(self, kind: ErrorKind, message: str, param: str | None = None) -> None:
         if self.content_type is None:
+            if self.job.stream is not None and self.store is not None:
+                self.store.discard(self.job.stream)
             self.sink.send(ResponseError(self.req_id, kind, message, param))
             return
         if self.content_type == SSE:
@@ -94,13 +112,14 @@ class _Reply:
 
 class Engine:
     def __init__(self, backend: Backend, model_name: str, n_vocab: int,
-                 sink_factory: Callable[[], Sink]) -> None:
+                 sink_factory: Callable[[], Sink], streams: StreamStore | None = None) -> None:
         self._backend = backend
         self._model = model_name
         self._n_vocab = n_vocab
         self._sink_factory = sink_factory
+        self._streams = streams
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self._cancels: dict[int, threading.Event] = {}
+        self._pending: dict[int, Job] = {}
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._stopping = False  # cancels from here on are the worker's, not the client's
@@ -110,12 +129,12 @@ class Engine:
     def pending(self) -> int:
         """Requests submitted and not finished yet (running or queued)."""
         with self._lock:
-            return len(self._cancels)
+            return len(self._pending)
 
     @property
     def queued(self) -> int:
         with self._lock:
-            return len(self._cancels) - self.active
+            return len(self._pending) - self.active
 
     def start(self) -> None:
         self._thread.start()
@@ -125,23 +144,37 @@ class Engine:
         inside a prompt evaluation, which cannot be interrupted)."""
         self._stopping = True
         with self._lock:
-            for ev in self._cancels.values():
-                ev.set()
+            for job in self._pending.values():
+                job.cancel.set()
         self._jobs.put(None)
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
-    def submit(self, req_id: int, endpoint: Endpoint, body: bytes) -> None:
-        cancel = threading.Event()
+    def submit(self, req_id: int, endpoint: Endpoint, body: bytes, stream_key: str | None = None) -> None:
+        job = Job(req_id, endpoint, body, threading.Event())
+        if stream_key is not None and self._streams is not None:
+            # Opened now, not when generation starts: a DELETE while this waits in the
+            # queue must find it (and a newer request for the key replaces it).
+            job.stream = self._streams.open(stream_key, req_id, lambda why: self.cancel(req_id, why))
         with self._lock:
-            self._cancels[req_id] = cancel
-        self._jobs.put(Job(req_id, endpoint, body, cancel))
+            self._pending[req_id] = job
+        self._jobs.put(job)
 
-    def cancel(self, req_id: int) -> None:
+    def cancel(self, req_id: int, reason: str | None = None) -> None:
+        """Stop a request: its client left (no reason), or someone else stopped it."""
         with self._lock:
-            ev = self._cancels.get(req_id)
-        if ev is not None:
-            ev.set()
+            job = self._pending.get(req_id)
+        if job is not None:
+            if reason is not None and job.stop_reason is None:
+                job.stop_reason = reason
+            job.cancel.set()
+
+    def detach(self, req_id: int) -> None:
+        """The client of a resumable request left: generate on, into its stream only."""
+        with self._lock:
+            job = self._pending.get(req_id)
+        if job is not None:
+            job.detached = True
 
     # ---- engine thread -----------------------------------------------------
 
@@ -155,12 +188,12 @@ class Engine:
                 finally:
                     self.active = 0
                     with self._lock:
-                        self._cancels.pop(job.req_id, None)
+                        self._pending.pop(job.req_id, None)
         finally:
             sink.close()
 
     def _serve(self, sink: Sink, job: Job) -> None:
-        reply = _Reply(sink, job.req_id)
+        reply = _Reply(sink, job, self._streams)
         if job.cancel.is_set():
             self._cancelled(reply, job, None)
             return
@@ -250,6 +283,10 @@ class Engine:
             # The worker is being stopped: the client did nothing wrong and may retry.
             log.info("request %d stopped by shutdown after %d tokens", job.req_id, tokens)
             reply.fail(ErrorKind.UNAVAILABLE, "the model was unloaded while generating; retry")
+            return
+        if job.stop_reason is not None:  # a DELETE, or a newer request for its conversation
+            log.info("request %d stopped after %d tokens: %s", job.req_id, tokens, job.stop_reason)
+            reply.fail(ErrorKind.CANCELLED, f"request stopped: {job.stop_reason}")
             return
         # The client went away. The backend stops within one token; tests read this line.
         log.info("request %d cancelled after %d tokens", job.req_id, tokens)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -20,18 +21,25 @@ from protocol.messages import (
     PROTOCOL_VERSION,
     Cancel,
     Configure,
+    Detach,
     Heartbeat,
     Hello,
     LoadFailed,
     LoadProgress,
     Ready,
     Request,
+    ResponseError,
     Shutdown,
-    WorkerConfig,
+    StreamDelete,
+    StreamLookup,
+    StreamRead,
+    StreamStates,
+    Upstream,
     WorkerStatus,
 )
 from worker.backend import make_backend
 from worker.engine import Engine, Sink
+from worker.streams import StreamStore
 
 log = logging.getLogger("modelherd.worker")
 
@@ -65,9 +73,10 @@ class Link:
 
     def _serve(self) -> int:
         self._send(Hello(PROTOCOL_VERSION, os.getpid(), self._worker_id))
-        config = self._await_configure()
-        if config is None:
+        configure = self._await_configure()
+        if configure is None:
             return EXIT_NO_CONFIG
+        config = configure.model
         backend = make_backend(config.backend)
         try:
             info = backend.load(config, self._progress_reporter())
@@ -81,12 +90,17 @@ class Link:
             return EXIT_OK
         self._send(Ready(info))
         log.info("loaded %s (%s, n_ctx=%d)", config.name, info.device, info.n_ctx)
+        store = StreamStore(configure.streams)
+        pump = threading.Thread(target=self._pump_streams, args=(store,), name="streams", daemon=True)
+        pump.start()
         engine = Engine(backend, config.name, info.n_vocab,
-                        lambda: Sink(self._ctx, self._endpoint, self._worker_id + ":out"))
+                        lambda: Sink(self._ctx, self._endpoint, self._worker_id + ":out"), store)
         engine.start()
         try:
-            self._relay(engine)
+            self._relay(engine, store)
         finally:
+            store.close()
+            pump.join(STOP_TIMEOUT_S)
             if not engine.stop(STOP_TIMEOUT_S):
                 # Still inside llama.cpp: freeing the model under it would be a use-after-free,
                 # and zmq could not terminate with its socket open. Leave now.
@@ -98,14 +112,21 @@ class Link:
             backend.close()
         return EXIT_OK
 
-    def _await_configure(self) -> WorkerConfig | None:
+    def _pump_streams(self, store: StreamStore) -> None:
+        sink = Sink(self._ctx, self._endpoint, self._worker_id + ":streams")
+        try:
+            store.pump(sink.send)
+        finally:
+            sink.close()
+
+    def _await_configure(self) -> Configure | None:
         deadline = time.monotonic() + CONFIGURE_TIMEOUT_S
         while (left := deadline - time.monotonic()) > 0:
             if not self._dealer.poll(int(left * 1000)):
                 break
             msg, _ = self._recv()
             if isinstance(msg, Configure):
-                return msg.model
+                return msg
             if isinstance(msg, Shutdown):
                 return None
         log.error("no Configure from the router within %.0f s", CONFIGURE_TIMEOUT_S)
@@ -127,7 +148,7 @@ class Link:
 
         return report
 
-    def _relay(self, engine: Engine) -> None:
+    def _relay(self, engine: Engine, store: StreamStore) -> None:
         draining = False
         while True:
             # After a Shutdown, what was submitted finishes (the router's grace period is
@@ -138,9 +159,20 @@ class Link:
                 continue
             msg, payload = self._recv()
             if isinstance(msg, Request):
-                engine.submit(msg.req_id, msg.endpoint, payload)
+                engine.submit(msg.req_id, msg.endpoint, payload, msg.stream_key)
             elif isinstance(msg, Cancel):
                 engine.cancel(msg.req_id)
+                store.detach(msg.req_id)
+            elif isinstance(msg, Detach):
+                engine.detach(msg.req_id)
+            elif isinstance(msg, StreamRead):
+                failure = store.attach(msg.req_id, msg.key, msg.offset)
+                if failure is not None:
+                    self._send(ResponseError(msg.req_id, *failure))
+            elif isinstance(msg, StreamLookup):
+                self._send(StreamStates(msg.req_id, store.lookup(msg.keys)))
+            elif isinstance(msg, StreamDelete):
+                self._send(StreamStates(msg.req_id, store.delete(msg.keys)))
             elif isinstance(msg, Heartbeat):
                 self._send(Heartbeat(msg.seq))
                 self._send(WorkerStatus(engine.active, engine.queued))
@@ -157,5 +189,5 @@ class Link:
             return None, b""
         return msg, payload or b""
 
-    def _send(self, msg: Hello | LoadProgress | Ready | LoadFailed | Heartbeat | WorkerStatus) -> None:
+    def _send(self, msg: Upstream) -> None:
         self._dealer.send_multipart(self._codec.encode(msg))

@@ -1,0 +1,299 @@
+"""Resumable streams: the SSE bytes of each conversation, and the thread that replays them.
+
+Three threads touch a stream. The socket thread opens it when its request arrives,
+and looks up, deletes and attaches readers. The engine thread appends the bytes it
+sends the client and finishes it. The pump thread sends every reader its bytes on
+its own socket, so all of one reader's frames leave from one thread, in order.
+One lock guards the store; nothing blocks or sends while holding it.
+
+Offsets are absolute: byte N of a stream is byte N of what the original client
+received, whatever the buffer has dropped since.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from protocol.errors import ErrorKind, sse_error_event
+from protocol.messages import BodyChunk, ResponseEnd, ResponseError, ResponseHead, StreamSettings, StreamState
+
+log = logging.getLogger("modelherd.worker.streams")
+
+SSE = "text/event-stream"
+READ_CHUNK = 256 * 1024  # one frame per reader per turn: a long replay does not starve the others
+OFFSET_LOST = "Stream offset lost, please restart"
+NOT_FOUND = "Stream not found or expired"
+
+Send = Callable[..., None]
+
+
+class Buffer:
+    """Bytes with absolute offsets, keeping at most `capacity` of the newest.
+
+    Appends are kept as the chunks they came in, so dropping the oldest bytes is
+    dropping whole chunks (no copying of the rest), and a read finds its first chunk
+    by bisection."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.total = 0  # bytes ever appended: the absolute end offset
+        self._chunks: list[bytes] = []
+        self._starts: list[int] = []
+        self._head = 0  # index of the oldest chunk still kept
+        self._size = 0
+
+    @property
+    def base(self) -> int:
+        """Absolute offset of the oldest byte still kept."""
+        return self.total - self._size
+
+    def append(self, data: bytes) -> None:
+        if not data:
+            return
+        self.total += len(data)
+        if len(data) > self.capacity:
+            data = data[-self.capacity:]
+        self._chunks.append(data)
+        self._starts.append(self.total - len(data))
+        self._size += len(data)
+        while self._size > self.capacity:
+            self._size -= len(self._chunks[self._head])
+            self._chunks[self._head] = b""
+            self._head += 1
+        if self._head > 64 and self._head * 2 > len(self._chunks):
+            del self._chunks[:self._head], self._starts[:self._head]
+            self._head = 0
+
+    def read(self, offset: int, limit: int) -> bytes:
+        """Up to `limit` bytes from absolute `offset` (base <= offset <= total)."""
+        if offset >= self.total:
+            return b""
+        i = bisect.bisect_right(self._starts, offset, lo=self._head) - 1
+        parts = [self._chunks[i][offset - self._starts[i]:]]
+        size = len(parts[0])
+        i += 1
+        while size < limit and i < len(self._chunks):
+            parts.append(self._chunks[i])
+            size += len(self._chunks[i])
+            i += 1
+        data = b"".join(parts)
+        return data[:limit] if size > limit else data
+
+
+@dataclass(eq=False)
+class Stream:
+    key: str
+    req_id: int  # the request generating it
+    stop: Callable[[str], None]  # stops that generation, with the reason its client is told
+    buffer: Buffer
+    started_at: float  # Unix seconds
+    completed_at: float = 0.0
+    expires: float = 0.0  # monotonic
+    done: bool = False
+    readers: int = 0
+
+    def state(self) -> StreamState:
+        return StreamState(self.key, self.done, self.buffer.total, self.started_at, self.completed_at)
+
+
+@dataclass(eq=False)
+class _Reader:
+    req_id: int
+    stream: Stream
+    pos: int
+    head_sent: bool = False
+
+
+@dataclass
+class _Out:
+    """One reader's frames for this turn, sent after the lock is released."""
+
+    req_id: int
+    head: bool = False
+    data: bytes = b""
+    end: bool = False
+    lost: bool = False
+
+
+class StreamStore:
+    def __init__(self, settings: StreamSettings, wall: Callable[[], float] = time.time,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self._wall = wall
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._streams: dict[str, Stream] = {}
+        self._finished: OrderedDict[str, Stream] = OrderedDict()  # completion order = expiry order
+        self._readers: dict[int, _Reader] = {}
+        self._dirty = False
+        self._closed = False
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._streams)
+
+    # ---- the socket thread ------------------------------------------------------
+
+    def open(self, key: str, req_id: int, stop: Callable[[str], None]) -> Stream:
+        """A request for `key` arrived: it replaces any stream of that key, stopping it."""
+        stream = Stream(key, req_id, stop, Buffer(self.settings.buffer_bytes), self._wall())
+        with self._lock:
+            old = self._remove(key)
+            self._streams[key] = stream
+        if old is not None and not old.done:
+            old.stop("a newer request took over this conversation")
+        return stream
+
+    def lookup(self, keys: list[str]) -> list[StreamState]:
+        with self._lock:
+            self._expire_locked()
+            return [s.state() for k in dict.fromkeys(keys) if (s := self._streams.get(k)) is not None]
+
+    def delete(self, keys: list[str]) -> list[StreamState]:
+        """Stop the generations and free the buffers; returns what was there."""
+        removed: list[Stream] = []
+        with self._lock:
+            for key in dict.fromkeys(keys):
+                stream = self._remove(key)
+                if stream is not None:
+                    removed.append(stream)
+        for stream in removed:
+            if not stream.done:
+                stream.stop("its conversation's stream was deleted")
+        return [s.state() for s in removed]
+
+    def attach(self, req_id: int, key: str, offset: int) -> tuple[ErrorKind, str] | None:
+        """Start replaying `key` from `offset` to request `req_id`; the error if it cannot."""
+        with self._lock:
+            self._expire_locked()
+            stream = self._streams.get(key)
+            if stream is None:
+                return ErrorKind.NOT_FOUND, NOT_FOUND
+            if offset < stream.buffer.base:
+                return ErrorKind.INVALID_REQUEST, OFFSET_LOST
+            self._readers[req_id] = _Reader(req_id, stream, offset)
+            stream.readers += 1
+            self._poke()
+        return None
+
+    def detach(self, req_id: int) -> None:
+        """A reader's client left."""
+        with self._lock:
+            reader = self._readers.pop(req_id, None)
+            if reader is not None:
+                reader.stream.readers -= 1
+
+    # ---- the engine thread --------------------------------------------------------
+
+    def append(self, stream: Stream, data: bytes) -> None:
+        with self._lock:
+            stream.buffer.append(data)
+            if stream.readers:
+                self._poke()
+
+    def finish(self, stream: Stream) -> None:
+        with self._lock:
+            stream.done = True
+            stream.completed_at = self._wall()
+            stream.expires = self._clock() + self.settings.retention_s
+            if self._streams.get(stream.key) is stream:
+                self._finished[stream.key] = stream
+                while len(self._finished) > self.settings.max_streams:
+                    self._remove(next(iter(self._finished)))
+            self._poke()  # readers must see the end, and the pump re-plans expiry
+
+    def discard(self, stream: Stream) -> None:
+        """The request failed before streaming: there is nothing to resume."""
+        with self._lock:
+            if self._streams.get(stream.key) is stream:
+                del self._streams[stream.key]
+            stream.done = True
+            self._poke()
+
+    # ---- the pump thread ------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._poke()
+
+    def pump(self, send: Send) -> None:
+        """Run until close(): send readers their bytes, free what expired."""
+        while True:
+            with self._lock:
+                while not self._dirty and not self._closed:
+                    self._wake.wait(self._next_expiry())
+                    self._expire_locked()
+                if self._closed:
+                    return
+                self._dirty = False
+                outs = [self._turn(r) for r in list(self._readers.values())]
+            for out in outs:
+                _emit(send, out)
+
+    def _turn(self, reader: _Reader) -> _Out:
+        out = _Out(reader.req_id, head=not reader.head_sent)
+        reader.head_sent = True
+        stream = reader.stream
+        if reader.pos < stream.buffer.base:  # it fell behind what the buffer keeps
+            out.lost = out.end = True
+        else:
+            out.data = stream.buffer.read(reader.pos, READ_CHUNK)
+            reader.pos += len(out.data)
+            if reader.pos < stream.buffer.total:
+                self._dirty = True  # more to send: another turn, after the other readers
+            out.end = stream.done and reader.pos >= stream.buffer.total
+        if out.end:
+            del self._readers[reader.req_id]
+            stream.readers -= 1
+        return out
+
+    # ---- under the lock ---------------------------------------------------------------
+
+    def _poke(self) -> None:
+        self._dirty = True
+        self._wake.notify()
+
+    def _remove(self, key: str) -> Stream | None:
+        stream = self._streams.pop(key, None)
+        self._finished.pop(key, None)
+        return stream
+
+    def _next_expiry(self) -> float | None:
+        if not self._finished:
+            return None
+        return max(0.0, next(iter(self._finished.values())).expires - self._clock())
+
+    def _expire_locked(self) -> None:
+        now = self._clock()
+        freed = 0
+        while self._finished:
+            key, stream = next(iter(self._finished.items()))
+            if stream.expires > now:
+                break
+            self._remove(key)
+            freed += 1
+        if freed:
+            log.info("freed %d finished stream(s) past their %g s retention", freed,
+                     self.settings.retention_s)
+
+
+def _emit(send: Send, out: _Out) -> None:
+    if out.lost and out.head:  # nothing sent yet: a plain error answer
+        send(ResponseError(out.req_id, ErrorKind.INVALID_REQUEST, OFFSET_LOST))
+        return
+    if out.head:
+        send(ResponseHead(out.req_id, 200, SSE))
+    if out.lost:
+        send(BodyChunk(out.req_id), sse_error_event(ErrorKind.INVALID_REQUEST, OFFSET_LOST))
+    elif out.data:
+        send(BodyChunk(out.req_id), out.data)
+    if out.end:
+        send(ResponseEnd(out.req_id))
