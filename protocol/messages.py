@@ -64,6 +64,11 @@ class WorkerConfig(msgspec.Struct, frozen=True):
     options: dict[str, OptionValue] = {}
 
 
+# What a client still attached to a stream is told when someone else stops it.
+STREAM_DELETED = "its conversation's stream was deleted"
+STREAM_REPLACED = "a newer request took over this conversation"
+
+
 class StreamSettings(msgspec.Struct, frozen=True):
     """How a worker keeps resumable streams (server-wide, not per model)."""
 
@@ -139,10 +144,12 @@ class StreamLookup(msgspec.Struct, tag="stream_lookup", tag_field=_TAG, frozen=T
 
 
 class StreamDelete(msgspec.Struct, tag="stream_delete", tag_field=_TAG, frozen=True):
-    """Stop the streams' generations and free their buffers; answered with what was removed."""
+    """Stop the streams' generations and free their buffers; answered with what was removed.
+    `reason` is what a client still attached to one of them is told."""
 
     req_id: int
     keys: list[str]
+    reason: str = STREAM_DELETED
 
 
 class Shutdown(msgspec.Struct, tag="shutdown", tag_field=_TAG, frozen=True):

@@ -23,7 +23,15 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from protocol.errors import ErrorKind
-from protocol.messages import StreamDelete, StreamLookup, StreamRead, StreamState, StreamStates
+from protocol.messages import (
+    STREAM_DELETED,
+    STREAM_REPLACED,
+    StreamDelete,
+    StreamLookup,
+    StreamRead,
+    StreamState,
+    StreamStates,
+)
 from router.auth import owner
 from router.bridge import Bridge
 from router.convs import Conversation, Tracker, conversation_id
@@ -62,17 +70,20 @@ class Streams:
         (on any model) is stopped first."""
         conv, old = self.tracker.begin(owner(scope), conv_id, model, asyncio.current_task())
         if old is not None:
-            await self._stop(old, REPLACED_WHILE_LOADING)
+            await self._stop(old, REPLACED_WHILE_LOADING, STREAM_REPLACED)
         return conv
 
-    async def _stop(self, conv: Conversation, reason_if_waiting: str) -> None:
-        if conv.worker is None:  # its POST still waits for the model: end it with a 400
+    async def _stop(self, conv: Conversation, if_waiting: str, if_running: str) -> None:
+        """Stop its POST, which is told why: `if_waiting` if it still waits for its model
+        (a 400), else `if_running` (an error event on the stream)."""
+        if conv.worker is None:
             if conv.post is not None and not conv.post.done():
-                conv.stop_reason = reason_if_waiting
+                conv.stop_reason = if_waiting
                 conv.post.cancel()
             return
         key = conv.key
-        await self.bridge.ask(conv.worker, lambda req_id: StreamDelete(req_id, [key]), self.fanout_timeout)
+        await self.bridge.ask(conv.worker, lambda req_id: StreamDelete(req_id, [key], if_running),
+                              self.fanout_timeout)
 
     # ---- GET ------------------------------------------------------------------------
 
@@ -161,7 +172,7 @@ class Streams:
         conv = self.tracker.get(owner(request.scope), conv_id)
         if conv is not None:
             self.tracker.remove(conv)
-            await self._stop(conv, DELETED_WHILE_LOADING)
+            await self._stop(conv, DELETED_WHILE_LOADING, STREAM_DELETED)
         return Response(status_code=204)
 
     def routes(self) -> list[Route]:

@@ -162,26 +162,32 @@ class Daemon:
             return r.json()["model"]  # type: ignore[no-any-return]
 
 
-def stream_request(port: int, model: str, max_tokens: int = 8000) -> bytes:
-    """A raw streaming chat request that generates exactly `max_tokens` tokens."""
+def stream_request(port: int, model: str, max_tokens: int = 8000, headers: bytes = b"") -> bytes:
+    """A raw streaming chat request that generates exactly `max_tokens` tokens. `headers`:
+    extra raw header lines, each ending in CRLF."""
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "go"}],
                        "max_tokens": max_tokens, "stream": True, "logit_bias": NO_EOS}).encode()
     head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
-    return head + body
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n").encode()
+    return head + headers + b"\r\n" + body
 
 
-def open_stream(port: int, model: str, events: int = 3,
-                max_tokens: int = 8000) -> tuple[socket.socket, bytes]:
+def open_stream(port: int, model: str, events: int = 3, max_tokens: int = 8000,
+                headers: bytes = b"") -> tuple[socket.socket, bytes]:
     """Start a raw streaming request and read until `events` data lines arrived."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
-    sock.sendall(stream_request(port, model, max_tokens))
+    sock = send_raw(port, stream_request(port, model, max_tokens, headers))
     received = b""
     while received.count(b"data: ") < events:
         chunk = sock.recv(65536)
         assert chunk, received
         received += chunk
     return sock, received
+
+
+def send_raw(port: int, request: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    sock.sendall(request)
+    return sock
 
 
 def read_to_end(sock: socket.socket, received: bytes = b"") -> bytes:
@@ -192,6 +198,23 @@ def read_to_end(sock: socket.socket, received: bytes = b"") -> bytes:
             break
         received += chunk
     return received
+
+
+def http_body(raw: bytes) -> bytes:
+    """The body bytes in a raw chunked HTTP/1.1 response, as far as it was read (a last,
+    partly read chunk included): what the client has of the stream."""
+    _, _, rest = raw.partition(b"\r\n\r\n")
+    body = b""
+    while rest:
+        size_line, sep, rest = rest.partition(b"\r\n")
+        if not sep:
+            break
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        body += rest[:size]
+        rest = rest[size + 2:]
+    return body
 
 
 def freeze_mid_stream(d: Daemon, model: str) -> tuple[int, socket.socket, bytes]:

@@ -172,7 +172,7 @@ class Link:
             elif isinstance(msg, StreamLookup):
                 self._send(StreamStates(msg.req_id, store.lookup(msg.keys)))
             elif isinstance(msg, StreamDelete):
-                self._send(StreamStates(msg.req_id, store.delete(msg.keys)))
+                self._send(StreamStates(msg.req_id, store.delete(msg.keys, msg.reason)))
             elif isinstance(msg, Heartbeat):
                 self._send(Heartbeat(msg.seq))
                 self._send(WorkerStatus(engine.active, engine.queued))

@@ -21,7 +21,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from protocol.errors import ErrorKind, sse_error_event
-from protocol.messages import BodyChunk, ResponseEnd, ResponseError, ResponseHead, StreamSettings, StreamState
+from protocol.messages import (
+    STREAM_REPLACED,
+    BodyChunk,
+    ResponseEnd,
+    ResponseError,
+    ResponseHead,
+    StreamSettings,
+    StreamState,
+)
 
 log = logging.getLogger("modelherd.worker.streams")
 
@@ -148,7 +156,7 @@ class StreamStore:
             old = self._remove(key)
             self._streams[key] = stream
         if old is not None and not old.done:
-            old.stop("a newer request took over this conversation")
+            old.stop(STREAM_REPLACED)
         return stream
 
     def lookup(self, keys: list[str]) -> list[StreamState]:
@@ -156,8 +164,9 @@ class StreamStore:
             self._expire_locked()
             return [s.state() for k in dict.fromkeys(keys) if (s := self._streams.get(k)) is not None]
 
-    def delete(self, keys: list[str]) -> list[StreamState]:
-        """Stop the generations and free the buffers; returns what was there."""
+    def delete(self, keys: list[str], reason: str) -> list[StreamState]:
+        """Stop the generations (telling their clients `reason`) and free the buffers;
+        returns what was there."""
         removed: list[Stream] = []
         with self._lock:
             for key in dict.fromkeys(keys):
@@ -166,7 +175,7 @@ class StreamStore:
                     removed.append(stream)
         for stream in removed:
             if not stream.done:
-                stream.stop("its conversation's stream was deleted")
+                stream.stop(reason)
         return [s.state() for s in removed]
 
     def attach(self, req_id: int, key: str, offset: int) -> tuple[ErrorKind, str] | None:

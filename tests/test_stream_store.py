@@ -1,0 +1,194 @@
+"""The worker's stream buffers and replay pump, without processes or sockets."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from protocol.errors import ErrorKind
+from protocol.messages import BodyChunk, ResponseEnd, ResponseError, ResponseHead, StreamSettings
+from worker.streams import NOT_FOUND, OFFSET_LOST, Buffer, StreamStore
+
+
+@given(st.integers(1, 64), st.lists(st.binary(max_size=40), max_size=60), st.data())
+def test_buffer_keeps_the_newest_bytes_at_their_absolute_offsets(
+        capacity: int, appends: list[bytes], data: st.DataObject) -> None:
+    buf = Buffer(capacity)
+    for a in appends:
+        buf.append(a)
+    everything = b"".join(appends)
+    assert buf.total == len(everything)
+    assert buf.total - capacity <= buf.base <= buf.total
+    offset = data.draw(st.integers(buf.base, buf.total))
+    limit = data.draw(st.integers(1, 100))
+    assert buf.read(offset, limit) == everything[offset:offset + limit]
+
+
+def test_buffer_drops_whole_chunks_and_compacts() -> None:
+    buf = Buffer(1000)
+    for i in range(5000):
+        buf.append(b"%04d|" % i)
+    assert buf.total == 25000
+    assert 25000 - 1000 <= buf.base
+    assert buf.read(buf.base, 10) == b"%04d|%04d|" % (buf.base // 5, buf.base // 5 + 1)
+    assert len(buf._chunks) < 1000  # dropped chunks do not pile up
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _store(buffer_bytes: int = 1 << 20, retention: float = 300.0, max_streams: int = 100) -> tuple[
+        StreamStore, Clock]:
+    clock = Clock()
+    return StreamStore(StreamSettings(buffer_bytes, retention, max_streams), wall=lambda: 1.7e9,
+                       clock=clock), clock
+
+
+class Stops:
+    """Records why each generation was asked to stop."""
+
+    def __init__(self) -> None:
+        self.reasons: dict[int, str] = {}
+
+    def of(self, req_id: int) -> Callable[[str], None]:
+        return lambda why: self.reasons.__setitem__(req_id, why)
+
+
+def test_lookup_delete_and_replacement() -> None:
+    store, _ = _store()
+    stops = Stops()
+    a = store.open("/a", 1, stops.of(1))
+    store.append(a, b"data: x\n\n")
+    assert [(s.key, s.is_done, s.total_bytes, s.completed_at) for s in store.lookup(["/a", "/zz"])] == [
+        ("/a", False, 9, 0.0)]
+    # A newer request for the key stops the running one and starts from zero.
+    a2 = store.open("/a", 2, stops.of(2))
+    assert stops.reasons == {1: "a newer request took over this conversation"}
+    assert store.lookup(["/a"])[0].total_bytes == 0
+    store.finish(a)  # the replaced one ending does not bring it back
+    assert len(store) == 1
+    # Delete stops a running generation, frees it, and is idempotent.
+    assert [s.key for s in store.delete(["/a", "/a", "/zz"], "deleted!")] == ["/a"]
+    assert stops.reasons[2] == "deleted!"
+    assert store.delete(["/a"], "again") == []
+    assert store.lookup(["/a"]) == []
+    store.finish(a2)
+    assert len(store) == 0
+
+
+def test_finished_streams_expire_after_retention_and_beyond_the_bound() -> None:
+    store, clock = _store(retention=300, max_streams=3)
+    for i in range(5):
+        s = store.open(f"/c{i}", i, lambda why: None)
+        store.finish(s)
+        clock.now += 1
+    running = store.open("/run", 9, lambda why: None)
+    assert [s.key for s in store.lookup([f"/c{i}" for i in range(5)])] == ["/c2", "/c3", "/c4"]
+    clock.now += 298.5  # c2 finished at 1002 and expires at 1302; now 1303.5
+    assert [s.key for s in store.lookup(["/c2", "/c3", "/c4", "/run"])] == ["/c4", "/run"]
+    clock.now += 10_000  # a running stream never expires
+    assert [s.key for s in store.lookup(["/c4", "/run"])] == ["/run"]
+    store.finish(running)
+
+
+def test_a_failed_request_leaves_nothing_to_resume() -> None:
+    store, _ = _store()
+    s = store.open("/a", 1, lambda why: None)
+    store.discard(s)
+    assert store.lookup(["/a"]) == []
+    assert store.attach(5, "/a", 0) == (ErrorKind.NOT_FOUND, NOT_FOUND)
+
+
+class Sent:
+    """What the pump sent, with a condition to wait on (the pump runs in its own thread)."""
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[object, bytes | None]] = []
+        self._cond = threading.Condition()
+
+    def __call__(self, msg: object, payload: bytes | None = None) -> None:
+        with self._cond:
+            self.frames.append((msg, payload))
+            self._cond.notify_all()
+
+    def wait_end(self, req_id: int, timeout: float = 10) -> None:
+        def ended() -> bool:
+            return any(isinstance(m, ResponseEnd | ResponseError) and m.req_id == req_id
+                       for m, _ in self.frames)
+        with self._cond:
+            assert self._cond.wait_for(ended, timeout), self.frames
+
+    def replayed(self, req_id: int) -> tuple[list[type], bytes]:
+        with self._cond:
+            mine = [(m, p) for m, p in self.frames if getattr(m, "req_id", None) == req_id]
+        return [type(m) for m, _ in mine], b"".join(p or b"" for m, p in mine if isinstance(m, BodyChunk))
+
+
+@contextmanager
+def pumping(store: StreamStore) -> Iterator[Sent]:
+    sent = Sent()
+    thread = threading.Thread(target=store.pump, args=(sent,))
+    thread.start()
+    try:
+        yield sent
+    finally:
+        store.close()
+        thread.join(10)
+        assert not thread.is_alive()
+
+
+def test_replay_then_follow_live_then_end() -> None:
+    store, _ = _store()
+    s = store.open("/a", 1, lambda why: None)
+    store.append(s, b"data: 1\n\n")
+    with pumping(store) as sent:
+        assert store.attach(7, "/a", 6) is None
+        store.append(s, b"data: 2\n\n")
+        store.append(s, b"data: [DONE]\n\n")
+        store.finish(s)
+        sent.wait_end(7)
+        # Past the end of a finished stream: an empty, complete answer.
+        assert store.attach(8, "/a", 10_000) is None
+        sent.wait_end(8)
+    kinds, data = sent.replayed(7)
+    assert kinds[0] is ResponseHead and kinds[-1] is ResponseEnd
+    assert data == b"1\n\ndata: 2\n\ndata: [DONE]\n\n"
+    assert sent.replayed(8) == ([ResponseHead, ResponseEnd], b"")
+
+
+def test_an_offset_the_buffer_dropped_is_refused() -> None:
+    store, _ = _store(buffer_bytes=1024)
+    s = store.open("/a", 1, lambda why: None)
+    for i in range(100):
+        store.append(s, b"data: %03d\n\n" % i)
+    store.finish(s)
+    assert store.attach(3, "/a", 0) == (ErrorKind.INVALID_REQUEST, OFFSET_LOST)
+    base = s.buffer.base
+    with pumping(store) as sent:
+        assert store.attach(4, "/a", base) is None
+        sent.wait_end(4)
+    assert sent.replayed(4)[1] == b"".join(b"data: %03d\n\n" % i for i in range(100))[base:]
+
+
+def test_a_reader_that_leaves_is_dropped_and_the_stream_goes_on() -> None:
+    store, _ = _store()
+    s = store.open("/a", 1, lambda why: None)
+    with pumping(store) as sent:
+        assert store.attach(7, "/a", 0) is None
+        store.detach(7)
+        store.append(s, b"data: 1\n\n")
+        store.finish(s)
+        assert store.attach(8, "/a", 0) is None
+        sent.wait_end(8)
+    assert sent.replayed(8)[1] == b"data: 1\n\n"
+    assert sent.replayed(7)[0] == []
+    assert s.readers == 0
