@@ -20,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from protocol.errors import ErrorKind, param_of
 from protocol.messages import Endpoint, Request
+from router.auth import owner
 from router.bridge import Bridge
 from router.convs import header_conversation_id
 from router.errors import HTTPError, send_error
@@ -118,11 +119,14 @@ class OpenAIRoute:
         handler = asyncio.current_task()
         assert handler is not None
         tracker = self._streams.tracker
-        conv = await self._streams.begin(scope, conv_id, model)
+        # Recorded before anything is awaited: a client coming back early is told to retry.
+        conv, old = tracker.begin(owner(scope), conv_id, model, handler)
         out = Detachable(send, self._bridge)
         watcher = asyncio.create_task(watch_disconnect(receive, out.leave), name=f"detach-watch:{id(scope)}")
         streamed = False
         try:
+            if old is not None:  # one live stream per conversation: the older one stops first
+                await self._streams.take_over(old)
             streamed = await self._serve(model, body, out.send, conv.key, out.bind,
                                          lambda identity: tracker.assign(conv, identity))
         except asyncio.CancelledError:

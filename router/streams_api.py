@@ -65,13 +65,9 @@ class Streams:
 
     # ---- the POST side ----------------------------------------------------------------
 
-    async def begin(self, scope: Scope, conv_id: str, model: str) -> Conversation:
-        """Record a resumable POST before its model loads; a stream the id had running
-        (on any model) is stopped first."""
-        conv, old = self.tracker.begin(owner(scope), conv_id, model, asyncio.current_task())
-        if old is not None:
-            await self._stop(old, REPLACED_WHILE_LOADING, STREAM_REPLACED)
-        return conv
+    async def take_over(self, old: Conversation) -> None:
+        """A new POST took the id of `old`: stop old's stream, on whichever model it runs."""
+        await self._stop(old, REPLACED_WHILE_LOADING, STREAM_REPLACED)
 
     async def _stop(self, conv: Conversation, if_waiting: str, if_running: str) -> None:
         """Stop its POST, which is told why: `if_waiting` if it still waits for its model
@@ -157,7 +153,10 @@ class Streams:
         keys = [c.key for c in convs]
         answer = await self.bridge.ask(worker, lambda req_id: StreamLookup(req_id, keys), self.fanout_timeout)
         if not isinstance(answer, StreamStates):
-            return []  # slow or gone: its ids are absent this time
+            if not self.bridge.connected(worker):  # gone, with its streams: forget them
+                for conv in convs:
+                    self.tracker.remove(conv)
+            return []  # slow or gone: its ids are absent
         states = {s.key: s for s in answer.states}
         for conv in convs:
             if conv.key not in states:  # the worker answered without it: expired there

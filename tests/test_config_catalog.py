@@ -49,6 +49,10 @@ def test_flags_override_file(tmp_path: Path) -> None:
     ("[server]\nidle_ttl = -5\n", ["server.idle_ttl"]),
     ("[models.m]\nsource = 'x.gguf'\nttl = -1\n", ["models.m.ttl"]),
     ("[models.m]\nsource = 'x.gguf'\npinned = 'yes'\n", ["models.m.pinned", "bool"]),
+    ("[server]\nstream_buffer_bytes = 100\n", ["server.stream_buffer_bytes", ">= 1024"]),
+    ("[server]\nstream_retention = -1\n", ["server.stream_retention"]),
+    ("[server]\nmax_conversations = 0\n", ["server.max_conversations", ">= 1"]),
+    ("[server]\nstream_fanout_timeout = 0\n", ["server.stream_fanout_timeout", "> 0"]),
 ])
 def test_invalid_config_names_the_key(tmp_path: Path, text: str, needles: list[str]) -> None:
     cfg = tmp_path / "c.toml"
