@@ -203,6 +203,23 @@ def test_a_new_post_on_the_id_stops_the_stream_running_on_another_model(streams:
         assert b'"model":"tiny-a"' in newer.content
 
 
+def test_a_stuck_worker_makes_its_ids_absent_without_holding_up_the_others(streams: Daemon) -> None:
+    pid = streams.load(LONG)["pid"]
+    assert isinstance(pid, int)
+    with streams.client() as c:
+        assert post(c, "on-long", model=LONG).status_code == 200
+        assert post(c, "on-tiny", model="tiny-a").status_code == 200
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            assert [s["conversation_id"] for s in lookup(c, "on-long", "on-tiny")] == ["on-tiny"]
+            assert c.delete("/v1/stream", params={"conv_id": "on-long"}).status_code == 204
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        # The router forgot the id at once, whether or not the worker answered in time.
+        assert replay(c, "on-long").status_code == 404
+        assert [s["conversation_id"] for s in lookup(c, "on-long", "on-tiny")] == ["on-tiny"]
+
+
 # ---- while the owner loads ----------------------------------------------------------------
 
 
