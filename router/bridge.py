@@ -131,6 +131,14 @@ class Bridge:
         finally:
             self.close_stream(req_id)
 
+    def tell(self, identity: bytes, msg: Downstream) -> None:
+        """Send, expecting no answer (request id 0 is never open: a reply is dropped), and
+        not caring if the worker is gone."""
+        try:
+            self.send(identity, msg)
+        except PeerUnreachable:
+            pass
+
     def connected(self, identity: bytes) -> bool:
         return identity in self._peers
 

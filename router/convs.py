@@ -69,8 +69,12 @@ def stream_key(owner: str, conv_id: str) -> str:
 
 class Tracker:
     def __init__(self, max_entries: int, retention: float,
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 on_evict: Callable[[Conversation], None] | None = None) -> None:
         self.max_entries = max_entries
+        # Told about an entry the bound pushed out: its stream can no longer be reached, so
+        # whoever holds it should free it (and stop it, if it still runs).
+        self.on_evict = on_evict
         self.retention = retention
         self._clock = clock
         self._wall = wall
@@ -95,7 +99,9 @@ class Tracker:
         for prefix in _prefixes(key):
             self._prefixed.setdefault(prefix, set()).add(key)
         while len(self._entries) > self.max_entries:
-            self._drop(next(iter(self._entries)))
+            evicted = self._drop(next(iter(self._entries)))
+            if evicted is not None and self.on_evict is not None:
+                self.on_evict(evicted)
         return conv, old
 
     def get(self, owner: str, conv_id: str) -> Conversation | None:

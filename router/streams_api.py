@@ -48,6 +48,8 @@ LOADING_RETRY_S = 2  # llama.cpp's web UI retries a resume every 2 s
 NOT_FOUND = "Stream not found or expired"
 OWNER_LOADING = "Stream owner model is loading, retry later"
 DELETED_WHILE_LOADING = "request cancelled by a stop while the model was loading"
+EVICTED = "too many conversations are tracked (max_conversations) and this one was the least recently used"
+EVICTED_WHILE_LOADING = f"request cancelled: {EVICTED}"
 REPLACED_WHILE_LOADING = ("request cancelled: a newer request took over this conversation "
                           "while the model was loading")
 
@@ -62,6 +64,7 @@ class Streams:
         self.bridge = bridge
         self.tracker = tracker
         self.fanout_timeout = fanout_timeout
+        tracker.on_evict = self._evicted
 
     # ---- the POST side ----------------------------------------------------------------
 
@@ -80,6 +83,15 @@ class Streams:
         key = conv.key
         await self.bridge.ask(conv.worker, lambda req_id: StreamDelete(req_id, [key], if_running),
                               self.fanout_timeout)
+
+    def _evicted(self, conv: Conversation) -> None:
+        """The tracker's bound pushed `conv` out: nobody can reach its stream any more."""
+        if conv.worker is None:
+            if conv.post is not None and not conv.post.done():
+                conv.stop_reason = EVICTED_WHILE_LOADING
+                conv.post.cancel()
+        else:
+            self.bridge.tell(conv.worker, StreamDelete(0, [conv.key], EVICTED))
 
     # ---- GET ------------------------------------------------------------------------
 

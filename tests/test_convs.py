@@ -69,13 +69,18 @@ def test_finished_entries_expire_after_retention_running_ones_never() -> None:
     assert t.get("", "running") is running
 
 
-def test_the_bound_evicts_the_least_recently_used() -> None:
-    t = Tracker(3, 300)
+def test_the_bound_evicts_the_least_recently_used_and_says_so() -> None:
+    evicted: list[str] = []
+    t = Tracker(3, 300, on_evict=lambda conv: evicted.append(conv.conv_id))
     for c in "abc":
         t.begin("", c, "m", None)
     t.get("", "a")  # used: now b is the least recent
     t.begin("", "d", "m", None)
     assert [c.conv_id for c in t] == ["c", "a", "d"]
+    assert evicted == ["b"]
+    t.begin("", "d", "m", None)  # a replacement is not an eviction
+    t.remove(t.get("", "c"))  # type: ignore[arg-type]
+    assert evicted == ["b"]
 
 
 def test_memory_stays_flat_under_ten_thousand_conversations() -> None:

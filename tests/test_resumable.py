@@ -328,6 +328,23 @@ def test_the_tracker_keeps_the_most_recent_conversations(small: Daemon) -> None:
         assert len(lookup(c, *(f"lru-{i}" for i in range(5)))) == 3
 
 
+def test_a_running_stream_pushed_out_of_the_tracker_is_stopped(small: Daemon) -> None:
+    pid = small.load(LONG)["pid"]
+    assert isinstance(pid, int)
+    sock, received = open_stream(small.port, LONG, events=3, max_tokens=6000, headers=conv_header("victim"))
+    os.kill(pid, signal.SIGSTOP)  # it cannot finish by itself while three newer ids arrive
+    try:
+        with small.client() as c:
+            for i in range(3):
+                assert post(c, f"newer-{i}", max_tokens=2).status_code == 200
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    rest = http_body(read_to_end(sock, received))
+    sock.close()
+    assert b"request stopped: too many conversations are tracked (max_conversations)" in rest
+    assert DONE not in rest
+
+
 def test_finished_streams_expire_after_retention(tmp_path: Path, models_dir: Path,
                                                  isolated_env: dict[str, str]) -> None:
     with _daemon(tmp_path, models_dir, isolated_env, "stream_retention = 3") as d, d.client() as c:
