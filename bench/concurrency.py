@@ -30,8 +30,6 @@ Usage: .venv/bin/python bench/concurrency.py [--seconds 60] [--clients 16] [--ma
 from __future__ import annotations
 
 import argparse
-import json
-import socket
 import sys
 import tempfile
 import threading
@@ -44,7 +42,9 @@ sys.path.insert(0, str(REPO))
 
 import psutil  # noqa: E402
 
+from bench.rawhttp import Conn, HttpError, post_json  # noqa: E402
 from bench.runner import run_bench  # noqa: E402
+from bench.stats import pct  # noqa: E402
 from tests.daemon import Daemon  # noqa: E402
 from tests.tinymodels import TinyShape, write_tiny_gguf  # noqa: E402
 
@@ -52,89 +52,7 @@ from tests.tinymodels import TinyShape, write_tiny_gguf  # noqa: E402
 SHAPES = {"tiny": TinyShape(), "small": TinyShape(n_embd=512, n_head=8, n_head_kv=8, n_ff=1536, n_layer=8)}
 NO_EOS = {"0": -100.0, "2": -100.0}  # tiny vocab's EOG tokens: every request makes max_tokens
 MESSAGES = [{"role": "user", "content": "Tell me a story about a small computer."}]
-CONTENT = b'"delta":{"content":"'
-ERROR_EVENT = b'data: {"error"'
 MAX_CONSECUTIVE_ERRORS = 5  # a client gives up after this many in a row (e.g. the daemon died)
-
-
-def pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
-
-
-class HttpError(Exception):
-    """A response the client counts as an error (status, error event, truncated stream)."""
-
-
-class Conn:
-    """One keep-alive HTTP/1.1 connection with a minimal chunked/SSE reader."""
-
-    def __init__(self, port: int, timeout: float) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.buf = bytearray()
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def _fill(self) -> None:
-        data = self.sock.recv(262144)
-        if not data:
-            raise ConnectionError("server closed the connection")
-        self.buf += data
-
-    def _take_until(self, sep: bytes) -> bytes:
-        while (at := self.buf.find(sep)) < 0:
-            self._fill()
-        out = bytes(self.buf[:at])
-        del self.buf[:at + len(sep)]
-        return out
-
-    def _take(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            self._fill()
-        out = bytes(self.buf[:n])
-        del self.buf[:n]
-        return out
-
-    def stream(self, request: bytes) -> tuple[float, int]:
-        """Send one streaming request; return (TTFT seconds, completion tokens)."""
-        t0 = time.perf_counter()
-        self.sock.sendall(request)
-        head = self._take_until(b"\r\n\r\n").decode("latin-1").split("\r\n")
-        status = int(head[0].split(" ", 2)[1])
-        headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:])}
-        if headers.get("transfer-encoding", "").lower() != "chunked":
-            body = self._take(int(headers.get("content-length", "0")))
-            raise HttpError(f"HTTP {status}: {body[:300]!r}")
-        first = 0.0
-        events: list[bytes] = []
-        while True:
-            size = int(self._take_until(b"\r\n").split(b";")[0], 16)
-            if size == 0:
-                self._take_until(b"\r\n")  # no trailers: the empty line ending the body
-                break
-            data = self._take(size + 2)[:-2]
-            if not first:
-                at = data.find(CONTENT)
-                if at >= 0 and data[at + len(CONTENT): at + len(CONTENT) + 1] != b'"':
-                    first = time.perf_counter() - t0
-            events.append(data)
-        if status != 200:
-            raise HttpError(f"HTTP {status}: {b''.join(events)[:300]!r}")
-        # Only the end of the stream is parsed: the usage event, [DONE], or an error event.
-        tail = b"".join(events[-4:])
-        if (at := tail.find(ERROR_EVENT)) >= 0:
-            raise HttpError(f"error event: {tail[at:][:300]!r}")
-        if not tail.rstrip().endswith(b"data: [DONE]"):
-            raise HttpError(f"stream ended without [DONE]: {tail[-300:]!r}")
-        at = tail.rfind(b'"usage":{')
-        if at < 0:
-            raise HttpError(f"no usage in the last event: {tail[-300:]!r}")
-        usage = json.loads(tail[at + 8: tail.index(b"}", at) + 1])
-        return first or time.perf_counter() - t0, int(usage["completion_tokens"])
 
 
 @dataclass
@@ -153,10 +71,9 @@ class Clock:
 
 
 def request_bytes(model: str, max_tokens: int) -> bytes:
-    body = json.dumps({"model": model, "messages": MESSAGES, "max_tokens": max_tokens, "stream": True,
-                       "logit_bias": NO_EOS, "stream_options": {"include_usage": True}}).encode()
-    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    body = {"model": model, "messages": MESSAGES, "max_tokens": max_tokens, "stream": True,
+            "logit_bias": NO_EOS, "stream_options": {"include_usage": True}}
+    return post_json("/v1/chat/completions", body)
 
 
 def client(port: int, request: bytes, result: ClientResult, barrier: threading.Barrier, clock: Clock,
@@ -170,7 +87,7 @@ def client(port: int, request: bytes, result: ClientResult, barrier: threading.B
             try:
                 if conn is None:
                     conn = Conn(port, timeout)
-                ttft, tokens = conn.stream(request)
+                reply = conn.stream(request)
             except (HttpError, OSError, ValueError) as exc:
                 result.errors.append(f"{type(exc).__name__}: {exc}")
                 if conn is not None:  # the connection's state is unknown after an error
@@ -182,8 +99,8 @@ def client(port: int, request: bytes, result: ClientResult, barrier: threading.B
                     return
                 continue
             in_a_row = 0
-            result.ttft.append(ttft)
-            result.tokens.append(tokens)
+            result.ttft.append(reply.ttft)
+            result.tokens.append(reply.tokens)
     except threading.BrokenBarrierError:
         pass
     except Exception as exc:

@@ -35,17 +35,13 @@ sys.path.insert(0, str(REPO))
 
 import psutil  # noqa: E402
 
+from bench.stats import pct  # noqa: E402
 from tests.daemon import Daemon  # noqa: E402
 from tests.tinymodels import TinyShape, write_tiny_gguf  # noqa: E402
 
 NO_EOS = {"0": -100.0, "2": -100.0}  # tiny vocab's EOG tokens: every run makes max_tokens
 MESSAGES = [{"role": "user", "content": "Tell me a story about a small computer."}]
 N_CTX = 2048
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 class Sample:
