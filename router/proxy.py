@@ -116,6 +116,9 @@ class OpenAIRoute:
                          model: str, conv_id: str) -> None:
         """A resumable POST: its client leaving detaches it instead of cancelling it. It holds
         its lease until the generation ends, so the pool sees the model busy meanwhile."""
+        if self._pool.slot(model) is None:  # before the takeover: a typo must not stop a stream
+            await send_error(send, ErrorKind.NOT_FOUND, f"model {model!r} not found", "model")
+            return
         handler = asyncio.current_task()
         assert handler is not None
         tracker = self._streams.tracker

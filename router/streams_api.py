@@ -210,7 +210,8 @@ class _Raw:
 def _offset(raw: str) -> int:
     if raw == "":
         return 0
-    if not raw.isdigit() or not raw.isascii():
+    # 18 digits: any real offset fits, and nothing bigger reaches int() or msgpack.
+    if not raw.isdigit() or not raw.isascii() or len(raw) > 18:
         raise HTTPError(ErrorKind.INVALID_REQUEST, "Invalid 'from' offset", "from")
     return int(raw)
 

@@ -46,6 +46,11 @@ n_ctx = 8192
 source = "{path.parent / 'slowload.bin'}"
 backend = "scripted"
 options = {{ load_seconds = 60 }}
+
+[models.slowish]
+source = "{path.parent / 'slowload.bin'}"
+backend = "scripted"
+options = {{ load_seconds = 3 }}
 """)
     return path
 
@@ -99,6 +104,7 @@ def test_a_dropped_client_resumes_from_its_last_complete_line(streams: Daemon) -
     streams.load(LONG)
     sock, received = open_stream(streams.port, LONG, events=3, max_tokens=3000, headers=conv_header("drop"))
     sock.close()  # the phone lost Wi-Fi
+    streams.wait_for_log(r"\[org/tiny-long\] .*request \d+: its client left; generating on", start=mark)
     before = http_body(received)
     offset = before.rfind(b"\n") + 1
     assert 0 < offset <= len(before)
@@ -115,6 +121,37 @@ def test_a_dropped_client_resumes_from_its_last_complete_line(streams: Daemon) -
                      "started_at": state["started_at"], "completed_at": state["completed_at"]}
     assert 0 < state["started_at"] <= state["completed_at"]  # type: ignore[operator]
     assert not any("cancelled after" in line for line in streams.lines[mark:])
+
+
+def test_a_reader_that_leaves_is_dropped_and_the_stream_goes_on(streams: Daemon) -> None:
+    mark = streams.mark()
+    pid = streams.load(LONG)["pid"]
+    assert isinstance(pid, int)
+    sock, received = open_stream(streams.port, LONG, events=3, max_tokens=8000,
+                                 headers=conv_header("watched"))
+    reader = send_raw(streams.port, b"GET /v1/stream?conv_id=watched HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert reader.recv(65536).startswith(b"HTTP/1.1 200")  # attached, to a live stream
+    os.kill(pid, signal.SIGSTOP)  # so the stream cannot end before the reader's leaving arrives
+    try:
+        reader.close()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    streams.wait_for_log(r"request \d+: the stream's reader left at byte \d+", start=mark)
+    rest = http_body(read_to_end(sock, received))  # the original client is unaffected
+    sock.close()
+    assert rest.endswith(DONE)
+
+
+def test_a_client_gone_before_its_model_loaded_is_detached_once_it_runs(streams: Daemon) -> None:
+    mark = streams.mark()
+    sock = send_raw(streams.port, stream_request(streams.port, "slowish", 4, conv_header("went-early")))
+    streams.wait_for_log(r"\[slowish\] scripted backend: loading", start=mark)
+    sock.close()  # the load takes 3 s: the client is gone well before it ends
+    streams.wait_for_log(r"\[slowish\] .*request \d+: its client left; generating on", start=mark)
+    with streams.client() as c:
+        streams.wait_until(lambda: lookup(c, "went-early")[0]["is_done"] is True, "the stream finished")
+        assert replay(c, "went-early").content.endswith(DONE)
+        assert c.post("/models/unload", json={"model": "slowish"}).status_code == 200
 
 
 def test_replay_of_a_finished_stream(streams: Daemon) -> None:
@@ -276,7 +313,7 @@ def test_bad_ids_and_offsets_are_400(streams: Daemon) -> None:
         assert post(c, "x" * 128).status_code == 200
         r = c.get("/v1/stream")
         assert r.status_code == 400 and "Missing conversation id" in r.json()["error"]["message"]
-        for offset in ("-1", "abc", "1.5", "\uff11"):
+        for offset in ("-1", "abc", "1.5", "\uff11", "18446744073709551616", "9" * 5000):
             r = c.get("/v1/stream", params={"conv_id": "x" * 128, "from": offset})
             assert r.status_code == 400 and r.json()["error"]["message"] == "Invalid 'from' offset"
         assert c.delete("/v1/stream").status_code == 400
@@ -285,6 +322,20 @@ def test_bad_ids_and_offsets_are_400(streams: Daemon) -> None:
                                                b"X-Conversation-Id: caf\xe9\r\n")) as sock:
         answer = read_to_end(sock)
     assert answer.startswith(b"HTTP/1.1 400") and b"invalid conversation id" in answer
+
+
+def test_a_rejected_resumable_request_leaves_nothing_behind(streams: Daemon) -> None:
+    with streams.client() as c:
+        assert post(c, "kept", max_tokens=3).status_code == 200
+        bad = c.post("/v1/chat/completions", headers={"X-Conversation-Id": "rejected"},
+                     json={**_body("tiny-a", 3), "logit_bias": {"999999": 1}})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "logit_bias"
+        assert lookup(c, "rejected") == []
+        assert replay(c, "rejected").status_code == 404
+        # A request for a model that does not exist does not take the id over.
+        typo = post(c, "kept", model="tiny-aa")
+        assert typo.status_code == 404 and typo.json()["error"]["param"] == "model"
+        assert replay(c, "kept").status_code == 200
 
 
 def test_without_the_header_or_without_stream_nothing_is_kept(streams: Daemon) -> None:

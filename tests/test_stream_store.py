@@ -22,19 +22,28 @@ def test_buffer_keeps_the_newest_bytes_at_their_absolute_offsets(
         buf.append(a)
     everything = b"".join(appends)
     assert buf.total == len(everything)
-    assert buf.total - capacity <= buf.base <= buf.total
+    assert buf.base == max(0, buf.total - capacity)  # exactly the newest `capacity` bytes
     offset = data.draw(st.integers(buf.base, buf.total))
     limit = data.draw(st.integers(1, 100))
-    assert buf.read(offset, limit) == everything[offset:offset + limit]
+    got = b"".join(buf.read(offset, limit))
+    assert len(got) >= min(limit, buf.total - offset)
+    assert got == everything[offset:offset + len(got)]
+
+
+def test_buffer_keeps_its_capacity_after_a_big_chunk() -> None:
+    buf = Buffer(2048)
+    buf.append(b"x" * 2000)
+    buf.append(b"y" * 300)
+    assert buf.base == 2300 - 2048
+    assert b"".join(buf.read(buf.base, 4096)) == b"x" * 1748 + b"y" * 300
 
 
 def test_buffer_drops_whole_chunks_and_compacts() -> None:
     buf = Buffer(1000)
     for i in range(5000):
         buf.append(b"%04d|" % i)
-    assert buf.total == 25000
-    assert 25000 - 1000 <= buf.base
-    assert buf.read(buf.base, 10) == b"%04d|%04d|" % (buf.base // 5, buf.base // 5 + 1)
+    assert buf.total == 25000 and buf.base == 24000
+    assert b"".join(buf.read(24000, 10))[:10] == b"4800|4801|"
     assert len(buf._chunks) < 1000  # dropped chunks do not pile up
 
 
@@ -64,7 +73,7 @@ class Stops:
 
 
 def test_lookup_delete_and_replacement() -> None:
-    store, _ = _store()
+    store, clock = _store()
     stops = Stops()
     a = store.open("/a", 1, stops.of(1))
     store.append(a, b"data: x\n\n")
@@ -74,8 +83,10 @@ def test_lookup_delete_and_replacement() -> None:
     a2 = store.open("/a", 2, stops.of(2))
     assert stops.reasons == {1: "a newer request took over this conversation"}
     assert store.lookup(["/a"])[0].total_bytes == 0
-    store.finish(a)  # the replaced one ending does not bring it back
+    store.finish(a)  # the replaced one ending does not bring it back, nor expire its successor
     assert len(store) == 1
+    clock.now += 10_000
+    assert [s.key for s in store.lookup(["/a"])] == ["/a"]
     # Delete stops a running generation, frees it, and is idempotent.
     assert [s.key for s in store.delete(["/a", "/a", "/zz"], "deleted!")] == ["/a"]
     assert stops.reasons[2] == "deleted!"
@@ -126,6 +137,11 @@ class Sent:
                        for m, _ in self.frames)
         with self._cond:
             assert self._cond.wait_for(ended, timeout), self.frames
+
+    def wait_for(self, predicate: Callable[[list[tuple[object, bytes | None]]], bool],
+                 timeout: float = 10) -> None:
+        with self._cond:
+            assert self._cond.wait_for(lambda: predicate(self.frames), timeout), self.frames
 
     def replayed(self, req_id: int) -> tuple[list[type], bytes]:
         with self._cond:
@@ -192,3 +208,48 @@ def test_a_reader_that_leaves_is_dropped_and_the_stream_goes_on() -> None:
     assert sent.replayed(8)[1] == b"data: 1\n\n"
     assert sent.replayed(7)[0] == []
     assert s.readers == 0
+
+
+def test_a_reader_that_caught_up_gets_its_end_when_the_stream_finishes() -> None:
+    store, _ = _store()
+    s = store.open("/a", 1, lambda why: None)
+    store.append(s, b"data: 1\n\n")
+    with pumping(store) as sent:
+        assert store.attach(7, "/a", 0) is None
+        sent.wait_for(lambda frames: any(isinstance(m, BodyChunk) for m, _ in frames))
+        store.finish(s)  # nothing appended: only the end is news
+        sent.wait_end(7)
+    assert sent.replayed(7) == ([ResponseHead, BodyChunk, ResponseEnd], b"data: 1\n\n")
+
+
+def test_a_reader_left_behind_by_the_buffer_gets_an_error_event_not_a_gap() -> None:
+    store, _ = _store(buffer_bytes=1024)
+    s = store.open("/a", 1, lambda why: None)
+    store.append(s, b"a" * 100)
+    headed, release = threading.Event(), threading.Event()
+    sent = Sent()
+
+    def slow_send(msg: object, payload: bytes | None = None) -> None:
+        sent(msg, payload)
+        if isinstance(msg, ResponseHead):  # the pump is stuck sending, outside the lock
+            headed.set()
+            assert release.wait(10)
+
+    thread = threading.Thread(target=store.pump, args=(slow_send,))
+    thread.start()
+    try:
+        assert store.attach(7, "/a", 0) is None
+        assert headed.wait(10)
+        for _ in range(30):  # meanwhile the stream runs 3 KB ahead: the first turn's bytes are gone
+            store.append(s, b"b" * 100)
+        release.set()
+        sent.wait_end(7)
+    finally:
+        release.set()
+        store.close()
+        thread.join(10)
+    kinds, data = sent.replayed(7)
+    assert kinds[0] is ResponseHead and kinds[-1] is ResponseEnd
+    assert data.startswith(b"a" * 100) and data.endswith(b"Stream offset lost, please restart"
+                                                         b'","type":"invalid_request_error",'
+                                                         b'"code":"invalid_request","param":null}}\n\n')

@@ -175,6 +175,7 @@ class Engine:
             job = self._pending.get(req_id)
         if job is not None:
             job.detached = True
+            log.info("request %d: its client left; generating on into its conversation stream", req_id)
 
     # ---- engine thread -----------------------------------------------------
 

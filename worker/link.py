@@ -153,7 +153,7 @@ class Link:
         while True:
             # After a Shutdown, what was submitted finishes (the router's grace period is
             # for that) while cancels still arrive; then the worker exits.
-            if draining and engine.pending == 0:
+            if draining and engine.pending == 0 and not store.readers:
                 return
             if draining and not self._dealer.poll(DRAIN_POLL_MS):
                 continue
@@ -162,13 +162,17 @@ class Link:
                 engine.submit(msg.req_id, msg.endpoint, payload, msg.stream_key)
             elif isinstance(msg, Cancel):
                 engine.cancel(msg.req_id)
-                store.detach(msg.req_id)
+                if (pos := store.detach(msg.req_id)) is not None:
+                    log.info("request %d: the stream's reader left at byte %d", msg.req_id, pos)
             elif isinstance(msg, Detach):
                 engine.detach(msg.req_id)
             elif isinstance(msg, StreamRead):
                 failure = store.attach(msg.req_id, msg.key, msg.offset)
                 if failure is not None:
                     self._send(ResponseError(msg.req_id, *failure))
+                else:
+                    log.info("request %d: replaying a conversation stream from byte %d",
+                             msg.req_id, msg.offset)
             elif isinstance(msg, StreamLookup):
                 self._send(StreamStates(msg.req_id, store.lookup(msg.keys)))
             elif isinstance(msg, StreamDelete):

@@ -13,12 +13,13 @@ received, whatever the buffer has dropped since.
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from protocol.errors import ErrorKind, sse_error_event
 from protocol.messages import (
@@ -42,11 +43,11 @@ Send = Callable[..., None]
 
 
 class Buffer:
-    """Bytes with absolute offsets, keeping at most `capacity` of the newest.
+    """Bytes with absolute offsets, keeping exactly the newest `capacity` of them.
 
-    Appends are kept as the chunks they came in, so dropping the oldest bytes is
-    dropping whole chunks (no copying of the rest), and a read finds its first chunk
-    by bisection."""
+    Appends are kept as the chunks they came in, so dropping the oldest bytes drops
+    whole chunks and trims at most one (no copying of the rest), and a read finds its
+    first chunk by bisection."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -70,28 +71,37 @@ class Buffer:
         self._chunks.append(data)
         self._starts.append(self.total - len(data))
         self._size += len(data)
-        while self._size > self.capacity:
-            self._size -= len(self._chunks[self._head])
+        excess = self._size - self.capacity
+        while excess > 0:
+            oldest = self._chunks[self._head]
+            if len(oldest) > excess:  # trim it: never keep less than capacity
+                self._chunks[self._head] = oldest[excess:]
+                self._starts[self._head] += excess
+                self._size -= excess
+                break
+            excess -= len(oldest)
+            self._size -= len(oldest)
             self._chunks[self._head] = b""
             self._head += 1
         if self._head > 64 and self._head * 2 > len(self._chunks):
             del self._chunks[:self._head], self._starts[:self._head]
             self._head = 0
 
-    def read(self, offset: int, limit: int) -> bytes:
-        """Up to `limit` bytes from absolute `offset` (base <= offset <= total)."""
+    def read(self, offset: int, limit: int) -> list[bytes | memoryview]:
+        """From absolute `offset` (base <= offset), about `limit` bytes (whole chunks past the
+        first): references, not copies, so a caller holding a lock can join them after."""
         if offset >= self.total:
-            return b""
+            return []
         i = bisect.bisect_right(self._starts, offset, lo=self._head) - 1
-        parts = [self._chunks[i][offset - self._starts[i]:]]
-        size = len(parts[0])
-        i += 1
-        while size < limit and i < len(self._chunks):
-            parts.append(self._chunks[i])
-            size += len(self._chunks[i])
-            i += 1
-        data = b"".join(parts)
-        return data[:limit] if size > limit else data
+        first = memoryview(self._chunks[i])[offset - self._starts[i]:]
+        parts: list[bytes | memoryview] = [first]
+        size = len(first)
+        for chunk in itertools.islice(self._chunks, i + 1, None):
+            if size >= limit:
+                break
+            parts.append(chunk)
+            size += len(chunk)
+        return parts
 
 
 @dataclass(eq=False)
@@ -124,7 +134,7 @@ class _Out:
 
     req_id: int
     head: bool = False
-    data: bytes = b""
+    data: list[bytes | memoryview] = field(default_factory=list)
     end: bool = False
     lost: bool = False
 
@@ -192,12 +202,19 @@ class StreamStore:
             self._poke()
         return None
 
-    def detach(self, req_id: int) -> None:
-        """A reader's client left."""
+    def detach(self, req_id: int) -> int | None:
+        """A reader's client left; returns how far it had got, if it was a reader."""
         with self._lock:
             reader = self._readers.pop(req_id, None)
-            if reader is not None:
-                reader.stream.readers -= 1
+            if reader is None:
+                return None
+            reader.stream.readers -= 1
+            return reader.pos
+
+    @property
+    def readers(self) -> int:
+        with self._lock:
+            return len(self._readers)
 
     # ---- the engine thread --------------------------------------------------------
 
@@ -234,18 +251,20 @@ class StreamStore:
             self._poke()
 
     def pump(self, send: Send) -> None:
-        """Run until close(): send readers their bytes, free what expired."""
+        """Run until close(): send readers their bytes, free what expired. After close,
+        one last turn: a reader of a stream that just finished still gets its end."""
         while True:
             with self._lock:
                 while not self._dirty and not self._closed:
                     self._wake.wait(self._next_expiry())
                     self._expire_locked()
-                if self._closed:
-                    return
+                closing = self._closed
                 self._dirty = False
                 outs = [self._turn(r) for r in list(self._readers.values())]
             for out in outs:
                 _emit(send, out)
+            if closing:
+                return
 
     def _turn(self, reader: _Reader) -> _Out:
         out = _Out(reader.req_id, head=not reader.head_sent)
@@ -255,7 +274,7 @@ class StreamStore:
             out.lost = out.end = True
         else:
             out.data = stream.buffer.read(reader.pos, READ_CHUNK)
-            reader.pos += len(out.data)
+            reader.pos += sum(len(p) for p in out.data)
             if reader.pos < stream.buffer.total:
                 self._dirty = True  # more to send: another turn, after the other readers
             out.end = stream.done and reader.pos >= stream.buffer.total
@@ -303,6 +322,6 @@ def _emit(send: Send, out: _Out) -> None:
     if out.lost:
         send(BodyChunk(out.req_id), sse_error_event(ErrorKind.INVALID_REQUEST, OFFSET_LOST))
     elif out.data:
-        send(BodyChunk(out.req_id), out.data)
+        send(BodyChunk(out.req_id), b"".join(out.data))
     if out.end:
         send(ResponseEnd(out.req_id))
