@@ -75,6 +75,7 @@ class StreamSettings(msgspec.Struct, frozen=True):
     buffer_bytes: int = 4 * 1024 * 1024  # per stream; the oldest bytes go first
     retention_s: float = 300.0  # a finished stream is kept this long
     max_streams: int = 100_000  # finished ones beyond this are freed, oldest first
+    max_bytes: int = 256 * 1024 * 1024  # and beyond this many bytes kept by finished ones
 
 
 class StreamState(msgspec.Struct, frozen=True):

@@ -53,6 +53,7 @@ class ServerSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # seconds a finished stream stays resumable, conversations tracked (LRU), and how long
     # a lookup or delete waits for each worker before answering without it.
     stream_buffer_bytes: Annotated[int, Meta(ge=1024)] = 4 * 1024 * 1024
+    stream_memory_mb: Annotated[int, Meta(ge=1)] = 256  # per worker, kept by finished streams
     stream_retention: Annotated[float, Meta(ge=0)] = 300.0
     max_conversations: Annotated[int, Meta(ge=1)] = 100_000
     stream_fanout_timeout: Annotated[float, Meta(gt=0)] = 0.25

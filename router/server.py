@@ -159,7 +159,7 @@ async def _serve(settings: Settings, catalog: Catalog) -> int:
         bridge = Bridge(ctx, f"ipc://{runtime}/router.sock")
         server = settings.server
         streams = StreamSettings(server.stream_buffer_bytes, server.stream_retention,
-                                 server.max_conversations)
+                                 server.max_conversations, server.stream_memory_mb * MIB)
 
         def launch(entry: ModelEntry, on_progress: ProgressFn,
                    on_exit: Callable[[WorkerHandle], None]) -> WorkerHandle:

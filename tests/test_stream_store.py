@@ -111,6 +111,26 @@ def test_finished_streams_expire_after_retention_and_beyond_the_bound() -> None:
     store.finish(running)
 
 
+def test_finished_streams_fit_the_byte_budget_oldest_freed_first() -> None:
+    clock = Clock()
+    store = StreamStore(StreamSettings(1000, 300, 100, max_bytes=2500), clock=clock)
+    for i in range(4):
+        s = store.open(f"/c{i}", i, lambda why: None)
+        store.append(s, b"x" * 900)
+        store.finish(s)
+    assert [s.key for s in store.lookup([f"/c{i}" for i in range(4)])] == ["/c2", "/c3"]
+    store.delete(["/c2"], "bye")
+    s = store.open("/c4", 4, lambda why: None)
+    store.append(s, b"x" * 900)
+    store.finish(s)  # 1800 bytes kept, within the budget: nothing else goes
+    assert [s.key for s in store.lookup(["/c3", "/c4"])] == ["/c3", "/c4"]
+    alone = StreamStore(StreamSettings(1000, 300, 100, max_bytes=10), clock=clock)
+    big = alone.open("/big", 1, lambda why: None)
+    alone.append(big, b"x" * 900)
+    alone.finish(big)  # over the budget alone, but the newest is kept
+    assert len(alone) == 1
+
+
 def test_a_failed_request_leaves_nothing_to_resume() -> None:
     store, _ = _store()
     s = store.open("/a", 1, lambda why: None)

@@ -62,6 +62,10 @@ class Buffer:
         """Absolute offset of the oldest byte still kept."""
         return self.total - self._size
 
+    @property
+    def kept(self) -> int:
+        return self._size
+
     def append(self, data: bytes) -> None:
         if not data:
             return
@@ -149,6 +153,7 @@ class StreamStore:
         self._wake = threading.Condition(self._lock)
         self._streams: dict[str, Stream] = {}
         self._finished: OrderedDict[str, Stream] = OrderedDict()  # completion order = expiry order
+        self._finished_bytes = 0  # what the finished streams keep
         self._readers: dict[int, _Reader] = {}
         self._dirty = False
         self._closed = False
@@ -231,7 +236,10 @@ class StreamStore:
             stream.expires = self._clock() + self.settings.retention_s
             if self._streams.get(stream.key) is stream:
                 self._finished[stream.key] = stream
-                while len(self._finished) > self.settings.max_streams:
+                self._finished_bytes += stream.buffer.kept
+                # The oldest finished go first, never the one that just finished.
+                while len(self._finished) > 1 and (len(self._finished) > self.settings.max_streams
+                                                   or self._finished_bytes > self.settings.max_bytes):
                     self._remove(next(iter(self._finished)))
             self._poke()  # readers must see the end, and the pump re-plans expiry
 
@@ -291,7 +299,8 @@ class StreamStore:
 
     def _remove(self, key: str) -> Stream | None:
         stream = self._streams.pop(key, None)
-        self._finished.pop(key, None)
+        if self._finished.pop(key, None) is not None and stream is not None:
+            self._finished_bytes -= stream.buffer.kept
         return stream
 
     def _next_expiry(self) -> float | None:
