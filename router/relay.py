@@ -18,7 +18,7 @@ from router.errors import HTTPError, send_error
 from router.slots import WorkerHandle
 
 SSE = "text/event-stream"
-_SSE_HEADERS = [
+SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
@@ -78,7 +78,7 @@ async def _pump(queue: asyncio.Queue[Item], send: Send) -> ResponseHead | None:
         elif isinstance(msg, ResponseHead):
             head = msg
             if msg.content_type == SSE:
-                await send({"type": "http.response.start", "status": msg.status, "headers": _SSE_HEADERS})
+                await send({"type": "http.response.start", "status": msg.status, "headers": SSE_HEADERS})
         elif isinstance(msg, ResponseEnd):
             await _finish(send, head, buffered)
             return head

@@ -38,7 +38,7 @@ from router.convs import Conversation, Tracker, conversation_id
 from router.errors import HTTPError
 from router.pool import Pool
 from router.proxy import ClientGone, read_body
-from router.relay import relay, watch_disconnect
+from router.relay import SSE_HEADERS, relay, watch_disconnect
 from router.slots import WorkerHandle
 
 MAX_LOOKUP_IDS = 1024
@@ -103,6 +103,10 @@ class Streams:
             conv, worker = self._owner(owner(scope), conv_id)
         except HTTPError as exc:
             await exc.send(send)
+            return
+        if scope["method"] == "HEAD":  # the stream exists and is ready: no body to follow
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            await send({"type": "http.response.body", "body": b""})
             return
         handler = asyncio.current_task()
         assert handler is not None

@@ -172,6 +172,9 @@ def test_path_form_with_a_slashed_id_on_a_slashed_model(streams: Daemon) -> None
         assert original.status_code == 200
         by_path = c.get(f"/v1/stream/{quote(conv, safe='')}", params={"from": 3})
         assert by_path.status_code == 200 and by_path.content == original.content[3:]
+        head = c.head(f"/v1/stream/{quote(conv, safe='')}")
+        assert head.status_code == 200 and head.content == b""
+        assert c.head("/v1/stream/no-such-conversation").status_code == 404
         # The llama.cpp web UI looks streams up by the part before '::'.
         assert [s["conversation_id"] for s in lookup(c, "user 7/chat")] == [conv]
         assert c.delete(f"/v1/stream/{quote(conv, safe='')}").status_code == 204
