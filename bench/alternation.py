@@ -45,7 +45,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -351,20 +350,18 @@ def report(args: argparse.Namespace, results: list[Result], names: list[str], si
     print(f"other processes' CPU during the rounds (noise): {other_cpu:.2f} CPU s / wall s")
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, work: Path) -> int:
     servers = args.servers.split(",")
     shape = SHAPES[args.shape]
     names = [f"{args.shape}-a", f"{args.shape}-b"]
-    with tempfile.TemporaryDirectory(prefix="modelherd-bench-") as tmp:
-        work = Path(tmp)
-        paths = [write_tiny_gguf(work / "models" / f"{name}.gguf", seed=seed, shape=shape)
-                 for seed, name in enumerate(names, start=1)]
-        n_ctx = min(4096, shape.n_ctx_train)  # what modelherd's n_ctx = 0 picks
-        with ExitStack() as stack:  # started one after the other, stopped in reverse order
-            running = [stack.enter_context(modelherd(args, work) if server == "modelherd"
-                                           else llama_cpp(args, work, names, n_ctx)) for server in servers]
-            other_cpu = measure(running, names, args.rounds)
-        report(args, [server.result for server in running], names, paths[0].stat().st_size / 1e6, other_cpu)
+    paths = [write_tiny_gguf(work / "models" / f"{name}.gguf", seed=seed, shape=shape)
+             for seed, name in enumerate(names, start=1)]
+    n_ctx = min(4096, shape.n_ctx_train)  # what modelherd's n_ctx = 0 picks
+    with ExitStack() as stack:  # started one after the other, stopped in reverse order
+        running = [stack.enter_context(modelherd(args, work) if server == "modelherd"
+                                       else llama_cpp(args, work, names, n_ctx)) for server in servers]
+        other_cpu = measure(running, names, args.rounds)
+    report(args, [server.result for server in running], names, paths[0].stat().st_size / 1e6, other_cpu)
     return 0
 
 
@@ -382,7 +379,7 @@ def main() -> int:
     servers = args.servers.split(",")
     if not servers or set(servers) - {"modelherd", "llama_cpp.server"}:
         ap.error("--servers: a comma-separated list of modelherd, llama_cpp.server")
-    return run_bench(_run, args)
+    return run_bench(run, args)
 
 
 if __name__ == "__main__":

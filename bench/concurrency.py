@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -258,11 +257,6 @@ def run(args: argparse.Namespace, work: Path) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace) -> int:
-    with tempfile.TemporaryDirectory(prefix="modelherd-bench-") as work:
-        return run(args, Path(work))
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--seconds", type=float, default=60.0, help="measured duration (default 60)")
@@ -274,7 +268,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.clients < 2:
         ap.error("--clients must be at least 2")
-    return run_bench(_run, args)
+    return run_bench(run, args)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,6 @@ import os
 import signal
 import statistics
 import sys
-import tempfile
 import threading
 import time
 import zlib
@@ -442,11 +441,6 @@ def run(args: argparse.Namespace, work: Path) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace) -> int:
-    with tempfile.TemporaryDirectory(prefix="modelherd-bench-") as work:
-        return run(args, Path(work))
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--conversations", type=int, default=10000,
@@ -463,7 +457,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.conversations < 1 or args.bound < 1 or args.clients < 1 or args.requests < 1 or args.lookups < 1:
         ap.error("counts must be at least 1")
-    return run_bench(_run, args)
+    return run_bench(run, args)
 
 
 if __name__ == "__main__":
