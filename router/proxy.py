@@ -25,7 +25,7 @@ from router.bridge import Bridge
 from router.convs import header_conversation_id
 from router.errors import HTTPError, send_error
 from router.pool import Pool
-from router.relay import Detachable, relay, watch_disconnect
+from router.relay import Detachable, relay, watch_disconnect, while_client_stays
 from router.slots import PoolError
 
 if TYPE_CHECKING:
@@ -76,23 +76,8 @@ class OpenAIRoute:
         # From here on a disconnect cancels this task, wherever it waits: in the queue
         # for its model (leaving it, so nothing else is affected) or mid-generation
         # (relay's cleanup then tells the worker to stop).
-        handler = asyncio.current_task()
-        assert handler is not None
-        gone = asyncio.Event()
-
-        def left() -> None:
-            gone.set()
-            handler.cancel()
-
-        watcher = asyncio.create_task(watch_disconnect(receive, left), name=f"disconnect-watch:{id(scope)}")
-        try:
+        async with while_client_stays(receive, f"disconnect-watch:{id(scope)}"):
             await self._serve(routed.model, body, send)
-        except asyncio.CancelledError:  # wherever it lands, the error answer included
-            if not gone.is_set():
-                raise
-            handler.uncancel()  # our own cancellation: the client left, nothing to answer
-        finally:
-            watcher.cancel()
 
     async def _serve(self, model: str, body: bytes, send: Send, stream_key: str | None = None,
                      bound: Callable[[bytes, int], None] | None = None,

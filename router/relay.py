@@ -7,7 +7,8 @@ them, and an end (or an error before the head); this module writes them out.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 
 from starlette.types import Message, Receive, Send
 
@@ -110,6 +111,29 @@ async def watch_disconnect(receive: Receive, on_gone: Callable[[], None]) -> Non
     while (await receive())["type"] != "http.disconnect":
         pass
     on_gone()
+
+
+@contextlib.asynccontextmanager
+async def while_client_stays(receive: Receive, name: str) -> AsyncIterator[None]:
+    """Run the body for as long as the client stays: its leaving cancels this task wherever
+    it waits (a queue, a relay, an error answer), and that cancellation ends here."""
+    handler = asyncio.current_task()
+    assert handler is not None
+    gone = asyncio.Event()
+
+    def left() -> None:
+        gone.set()
+        handler.cancel()
+
+    watcher = asyncio.create_task(watch_disconnect(receive, left), name=name)
+    try:
+        yield
+    except asyncio.CancelledError:
+        if not gone.is_set():
+            raise
+        handler.uncancel()  # our own cancellation: the client left, nothing to answer
+    finally:
+        watcher.cancel()
 
 
 class Detachable:

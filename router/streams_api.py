@@ -38,7 +38,7 @@ from router.convs import Conversation, Tracker, conversation_id
 from router.errors import HTTPError
 from router.pool import Pool
 from router.proxy import ClientGone, read_body
-from router.relay import SSE_HEADERS, relay, watch_disconnect
+from router.relay import SSE_HEADERS, relay, while_client_stays
 from router.slots import WorkerHandle
 
 MAX_LOOKUP_IDS = 1024
@@ -76,20 +76,17 @@ class Streams:
         """Stop its POST, which is told why: `if_waiting` if it still waits for its model
         (a 400), else `if_running` (an error event on the stream)."""
         if conv.worker is None:
-            if conv.post is not None and not conv.post.done():
-                conv.stop_reason = if_waiting
-                conv.post.cancel()
+            _cancel_waiting(conv, if_waiting)
             return
         key = conv.key
         await self.bridge.ask(conv.worker, lambda req_id: StreamDelete(req_id, [key], if_running),
                               self.fanout_timeout)
 
     def _evicted(self, conv: Conversation) -> None:
-        """The tracker's bound pushed `conv` out: nobody can reach its stream any more."""
+        """The tracker's bound pushed `conv` out: nobody can reach its stream any more. Its
+        worker is told without waiting for the answer (this runs inside the tracker)."""
         if conv.worker is None:
-            if conv.post is not None and not conv.post.done():
-                conv.stop_reason = EVICTED_WHILE_LOADING
-                conv.post.cancel()
+            _cancel_waiting(conv, EVICTED_WHILE_LOADING)
         else:
             self.bridge.tell(conv.worker, StreamDelete(0, [conv.key], EVICTED))
 
@@ -108,26 +105,14 @@ class Streams:
             await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
             await send({"type": "http.response.body", "body": b""})
             return
-        handler = asyncio.current_task()
-        assert handler is not None
-        gone = asyncio.Event()
-
-        def left() -> None:
-            gone.set()
-            handler.cancel()  # relay tells the worker to drop this reader; the stream goes on
-
-        watcher = asyncio.create_task(watch_disconnect(receive, left), name=f"stream-watch:{id(scope)}")
         key = conv.key
-        try:
-            await relay(self.bridge, worker, lambda req_id: StreamRead(req_id, key, offset), None, send)
-        except HTTPError as exc:
-            await exc.send(send)
-        except asyncio.CancelledError:
-            if not gone.is_set():
-                raise
-            handler.uncancel()
-        finally:
-            watcher.cancel()
+        # A reader leaving cancels only this replay: relay tells the worker to drop the
+        # reader, and the stream goes on.
+        async with while_client_stays(receive, f"stream-watch:{id(scope)}"):
+            try:
+                await relay(self.bridge, worker, lambda req_id: StreamRead(req_id, key, offset), None, send)
+            except HTTPError as exc:
+                await exc.send(send)
 
     def _owner(self, who: str, conv_id: str) -> tuple[Conversation, WorkerHandle]:
         conv = self.tracker.get(who, conv_id)
@@ -199,6 +184,13 @@ class Streams:
             Route("/v1/stream/{conv_id:path}", self.delete, methods=["DELETE"]),
             Route("/v1/streams/lookup", self.lookup, methods=["POST"]),
         ]
+
+
+def _cancel_waiting(conv: Conversation, reason: str) -> None:
+    """End a POST still waiting for its model; it answers 400 with `reason`."""
+    if conv.post is not None and not conv.post.done():
+        conv.stop_reason = reason
+        conv.post.cancel()
 
 
 class _Raw:

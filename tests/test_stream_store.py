@@ -145,11 +145,18 @@ class Sent:
     def __init__(self) -> None:
         self.frames: list[tuple[object, bytes | None]] = []
         self._cond = threading.Condition()
+        # Set `release` to make the pump stop in its next head's send (outside the store's
+        # lock) until the test sets it; `headed` tells the test it got there.
+        self.release: threading.Event | None = None
+        self.headed = threading.Event()
 
     def __call__(self, msg: object, payload: bytes | None = None) -> None:
         with self._cond:
             self.frames.append((msg, payload))
             self._cond.notify_all()
+        if self.release is not None and isinstance(msg, ResponseHead):
+            self.headed.set()
+            assert self.release.wait(10)
 
     def wait_end(self, req_id: int, timeout: float = 10) -> None:
         def ended() -> bool:
@@ -246,28 +253,16 @@ def test_a_reader_left_behind_by_the_buffer_gets_an_error_event_not_a_gap() -> N
     store, _ = _store(buffer_bytes=1024)
     s = store.open("/a", 1, lambda why: None)
     store.append(s, b"a" * 100)
-    headed, release = threading.Event(), threading.Event()
-    sent = Sent()
-
-    def slow_send(msg: object, payload: bytes | None = None) -> None:
-        sent(msg, payload)
-        if isinstance(msg, ResponseHead):  # the pump is stuck sending, outside the lock
-            headed.set()
-            assert release.wait(10)
-
-    thread = threading.Thread(target=store.pump, args=(slow_send,))
-    thread.start()
-    try:
-        assert store.attach(7, "/a", 0) is None
-        assert headed.wait(10)
-        for _ in range(30):  # meanwhile the stream runs 3 KB ahead: the first turn's bytes are gone
-            store.append(s, b"b" * 100)
-        release.set()
+    with pumping(store) as sent:
+        sent.release = release = threading.Event()
+        try:
+            assert store.attach(7, "/a", 0) is None
+            assert sent.headed.wait(10)
+            for _ in range(30):  # meanwhile the stream runs 3 KB ahead: the first turn's bytes are gone
+                store.append(s, b"b" * 100)
+        finally:
+            release.set()
         sent.wait_end(7)
-    finally:
-        release.set()
-        store.close()
-        thread.join(10)
     kinds, data = sent.replayed(7)
     assert kinds[0] is ResponseHead and kinds[-1] is ResponseEnd
     assert data.startswith(b"a" * 100) and data.endswith(b"Stream offset lost, please restart"

@@ -73,7 +73,7 @@ class _Reply:
     """Tracks whether the head went out, so a failure is reported the right way.
     Every body byte of a resumable request also goes to its stream."""
 
-    def __init__(self, sink: Sink, job: Job, store: StreamStore | None) -> None:
+    def __init__(self, sink: Sink, job: Job, store: StreamStore) -> None:
         self.sink = sink
         self.req_id = job.req_id
         self.job = job
@@ -85,14 +85,14 @@ class _Reply:
         self.sink.send(ResponseHead(self.req_id, status, content_type))
 
     def chunk(self, data: bytes) -> None:
-        if self.job.stream is not None and self.store is not None:
+        if self.job.stream is not None:
             self.store.append(self.job.stream, data)
         if not self.job.detached:
             self.sink.send(BodyChunk(self.req_id), data)
 
     def end(self) -> None:
         stream = self.job.stream
-        if stream is not None and self.store is not None:
+        if stream is not None:
             if self.content_type == SSE:
                 self.store.finish(stream)
             else:
@@ -101,7 +101,7 @@ class _Reply:
 
     def fail(self, kind: ErrorKind, message: str, param: str | None = None) -> None:
         if self.content_type is None:
-            if self.job.stream is not None and self.store is not None:
+            if self.job.stream is not None:
                 self.store.discard(self.job.stream)
             self.sink.send(ResponseError(self.req_id, kind, message, param))
             return
@@ -112,7 +112,7 @@ class _Reply:
 
 class Engine:
     def __init__(self, backend: Backend, model_name: str, n_vocab: int,
-                 sink_factory: Callable[[], Sink], streams: StreamStore | None = None) -> None:
+                 sink_factory: Callable[[], Sink], streams: StreamStore) -> None:
         self._backend = backend
         self._model = model_name
         self._n_vocab = n_vocab
@@ -152,7 +152,7 @@ class Engine:
 
     def submit(self, req_id: int, endpoint: Endpoint, body: bytes, stream_key: str | None = None) -> None:
         job = Job(req_id, endpoint, body, threading.Event())
-        if stream_key is not None and self._streams is not None:
+        if stream_key is not None:
             # Opened now, not when generation starts: a DELETE while this waits in the
             # queue must find it (and a newer request for the key replaces it).
             job.stream = self._streams.open(stream_key, req_id, lambda why: self.cancel(req_id, why))
