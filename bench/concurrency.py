@@ -45,10 +45,9 @@ from bench.rawhttp import Conn, HttpError, post_json  # noqa: E402
 from bench.runner import run_bench  # noqa: E402
 from bench.stats import pct  # noqa: E402
 from tests.daemon import Daemon  # noqa: E402
-from tests.tinymodels import TinyShape, write_tiny_gguf  # noqa: E402
+from tests.tinymodels import SHAPES, write_tiny_gguf  # noqa: E402
 
 # Same shapes as bench/overhead.py.
-SHAPES = {"tiny": TinyShape(), "small": TinyShape(n_embd=512, n_head=8, n_head_kv=8, n_ff=1536, n_layer=8)}
 NO_EOS = {"0": -100.0, "2": -100.0}  # tiny vocab's EOG tokens: every request makes max_tokens
 MESSAGES = [{"role": "user", "content": "Tell me a story about a small computer."}]
 MAX_CONSECUTIVE_ERRORS = 5  # a client gives up after this many in a row (e.g. the daemon died)

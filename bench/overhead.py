@@ -1,12 +1,17 @@
 """What does going through modelherd cost? Same tiny model, same request, one run.
 
 Measures time to first token (TTFT) and streamed tokens per second for:
-  1. llama-cpp-python's own `create_chat_completion(stream=True)`, in-process;
-  2. modelherd's llama.cpp backend called in-process (the worker's generation loop,
-     no sockets): the baseline that isolates what the router + ZeroMQ add;
+  1. the library's own streaming call, in-process: llama-cpp-python's
+     `create_chat_completion(stream=True)`, or mlx-lm's `stream_generate`;
+  2. modelherd's backend called in-process (the worker's generation loop, no
+     sockets): the baseline that isolates what the router + ZeroMQ add;
   3. the same request through a running modelherd daemon (HTTP -> router -> ZeroMQ
      -> worker -> back), read with a minimal raw-socket client so the client's own
      overhead stays out of the number.
+
+`--backend llama_cpp` (a GGUF) or `--backend mlx` (the same shape as an MLX folder).
+Both modelherd paths reuse the prompt cache (every request sends the same prompt);
+mlx-lm's `stream_generate` is called without one, as its own examples do.
 
 Two generated models: `tiny` (the test suite's, ~10k tok/s on one CPU core, so
 per-token overhead is magnified ~100x against a real model) and `small` (still
@@ -15,6 +20,7 @@ streamed token is reported too, since on a 2-core machine it competes with the
 worker for cores.
 
 Usage: python bench/overhead.py [--requests 40] [--max-tokens 256] [--models tiny,small]
+                                [--backend llama_cpp|mlx]
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import psutil  # noqa: E402
 
 from bench.stats import pct  # noqa: E402
 from tests.daemon import Daemon  # noqa: E402
-from tests.tinymodels import TinyShape, write_tiny_gguf  # noqa: E402
+from tests.tinymodels import SHAPES, write_tiny_gguf, write_tiny_mlx  # noqa: E402
 
 NO_EOS = {"0": -100.0, "2": -100.0}  # tiny vocab's EOG tokens: every run makes max_tokens
 MESSAGES = [{"role": "user", "content": "Tell me a story about a small computer."}]
@@ -54,7 +60,6 @@ class Sample:
         self.tps.append(tokens / total)
 
 
-SHAPES = {"tiny": TinyShape(), "small": TinyShape(n_embd=512, n_head=8, n_head_kv=8, n_ff=1536, n_layer=8)}
 
 
 def interleaved(runs: dict[str, Callable[[], tuple[float, int, float]]], n: int,
@@ -91,13 +96,36 @@ def llama_cpp_python(model: Path, max_tokens: int) -> Callable[[], tuple[float, 
     return run
 
 
-def backend_in_process(model: Path, max_tokens: int) -> Callable[[], tuple[float, int, float]]:
-    from protocol.messages import WorkerConfig
-    from worker.backend import Finish, GenParams
-    from worker.llama_backend import LlamaBackend
+def mlx_lm_stream_generate(model: Path, max_tokens: int) -> Callable[[], tuple[float, int, float]]:
+    import mlx_lm
+    from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-    backend = LlamaBackend()
-    backend.load(WorkerConfig(name="bench", path=str(model), n_ctx=N_CTX), lambda s, v: True)
+    mlx_model, tokenizer = mlx_lm.load(str(model))
+    prompt = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True)
+    processors = make_logits_processors({int(k): v for k, v in NO_EOS.items()})
+
+    def run() -> tuple[float, int, float]:
+        t0 = time.perf_counter()
+        first = 0.0
+        tokens = 0
+        for r in mlx_lm.stream_generate(mlx_model, tokenizer, prompt, max_tokens=max_tokens,
+                                        sampler=make_sampler(0.8, top_p=0.95, min_p=0.05, top_k=40),
+                                        logits_processors=processors):
+            tokens = r.generation_tokens
+            first = first or time.perf_counter() - t0
+        return first, tokens, time.perf_counter() - t0
+
+    return run
+
+
+def backend_in_process(model: Path, backend_name: str,
+                       max_tokens: int) -> Callable[[], tuple[float, int, float]]:
+    from protocol.messages import WorkerConfig
+    from worker.backend import Finish, GenParams, make_backend
+
+    backend = make_backend(backend_name)
+    backend.load(WorkerConfig(name="bench", path=str(model), backend=backend_name, n_ctx=N_CTX),
+                 lambda s, v: True)
     params = GenParams(max_tokens=max_tokens, seed=1, logit_bias={0: -100.0, 2: -100.0})
     cancel = threading.Event()
 
@@ -169,13 +197,22 @@ def cpu_seconds(pid: int) -> float:
     return t.user + t.system
 
 
-def bench_shape(shape: str, work: Path, requests: int, max_tokens: int) -> None:
-    model = write_tiny_gguf(work / shape / "models" / f"{shape}.gguf", seed=1, shape=SHAPES[shape])
+def bench_shape(shape: str, backend: str, work: Path, requests: int, max_tokens: int) -> None:
+    models = work / shape / "models"
+    if backend == "mlx":
+        model = write_tiny_mlx(models / shape, seed=1, shape=SHAPES[shape])
+        size = sum(p.stat().st_size for p in model.glob("*.safetensors"))
+        reference_name = "mlx-lm in-process (stream_generate)"
+        run_ref = mlx_lm_stream_generate(model, max_tokens)
+    else:
+        model = write_tiny_gguf(models / f"{shape}.gguf", seed=1, shape=SHAPES[shape])
+        size = model.stat().st_size
+        reference_name = "llama-cpp-python in-process (create_chat_completion stream)"
+        run_ref = llama_cpp_python(model, max_tokens)
     cfg = work / shape / "cfg.toml"
-    cfg.write_text(f'[server]\nmodels_dirs = ["{model.parent}"]\n[defaults]\nn_ctx = {N_CTX}\n')
+    cfg.write_text(f'[server]\nmodels_dirs = ["{models}"]\n[defaults]\nn_ctx = {N_CTX}\n')
     reference = Sample()
-    run_ref = llama_cpp_python(model, max_tokens)
-    for _ in range(max(3, requests // 8)):  # slow (quadratic detokenize): a few are enough
+    for _ in range(max(3, requests // 8)):  # llama-cpp-python's is slow (quadratic detokenize)
         reference.add(*run_ref())
     names = ("modelherd backend in-process (worker's generation loop)",
              "through modelherd (HTTP -> router -> ZeroMQ -> worker)")
@@ -183,14 +220,14 @@ def bench_shape(shape: str, work: Path, requests: int, max_tokens: int) -> None:
         d.load(shape)
         assert d.proc is not None
         router_cpu = cpu_seconds(d.proc.pid)
-        samples = interleaved({names[0]: backend_in_process(model, max_tokens),
+        samples = interleaved({names[0]: backend_in_process(model, backend, max_tokens),
                                names[1]: through_daemon(d.port, shape, max_tokens)}, requests)
         router_cpu = cpu_seconds(d.proc.pid) - router_cpu
     base, via = samples[names[0]], samples[names[1]]
-    rows = [("llama-cpp-python in-process (create_chat_completion stream)", reference),
-            (names[0], base), (names[1], via)]
+    rows = [(reference_name, reference), (names[0], base), (names[1], via)]
     n_via = len(via.tps) + 3
-    print(f"\nmodel `{shape}` ({model.stat().st_size / 1e6:.1f} MB GGUF, random weights), "
+    kind = "MLX safetensors" if backend == "mlx" else "GGUF"
+    print(f"\nmodel `{shape}` ({size / 1e6:.1f} MB {kind}, random weights, {backend}), "
           f"{requests} requests per path, {max_tokens} streamed tokens each, n_ctx {N_CTX}, CPU\n")
     print(f"| {'path':<62} | TTFT p50 ms | TTFT p95 ms | tok/s p50 |")
     print(f"|{'-' * 64}|-------------|-------------|-----------|")
@@ -203,7 +240,7 @@ def bench_shape(shape: str, work: Path, requests: int, max_tokens: int) -> None:
     print(f"tok/s ratio (modelherd / backend in-process):     {ratio:.3f}  (target >= 0.95)")
     ref_ratio = statistics.median(via.tps) / statistics.median(reference.tps)
     ref_added = (pct(via.ttft, 50) - pct(reference.ttft, 50)) * 1e3
-    print(f"vs llama-cpp-python in-process: added TTFT p50 {ref_added:.2f} ms, tok/s ratio {ref_ratio:.1f}")
+    print(f"vs {reference_name}: added TTFT p50 {ref_added:.2f} ms, tok/s ratio {ref_ratio:.2f}")
     print(f"router CPU per streamed token:                    "
           f"{router_cpu / (n_via * max_tokens) * 1e6:.0f} us")
 
@@ -213,10 +250,11 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=40)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--models", default="tiny,small")
+    ap.add_argument("--backend", choices=("llama_cpp", "mlx"), default="llama_cpp")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="modelherd-bench-"))
     for shape in args.models.split(","):
-        bench_shape(shape, work, args.requests, args.max_tokens)
+        bench_shape(shape, args.backend, work, args.requests, args.max_tokens)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import msgspec
 
 from protocol.errors import ErrorKind
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 _TAG = "t"
 
@@ -46,8 +46,11 @@ BACKEND_OPTIONS: dict[str, frozenset[str]] = {
         "n_batch", "n_ubatch", "flash_attn", "use_mmap", "use_mlock", "rope_freq_base",
         "rope_freq_scale", "type_k", "type_v", "offload_kqv", "last_n_tokens_size", "seed",
     }),
+    # device: "gpu" (the default: Metal, or CUDA with mlx[cuda]) or "cpu".
+    "mlx": frozenset({"device", "prompt_cache_slots", "prefill_step_size", "kv_bits", "kv_group_size"}),
     "scripted": frozenset({"load_seconds", "fail_load", "token_seconds", "crash_after_tokens"}),
 }
+BACKENDS = ("llama_cpp", "mlx")  # what `backend =` may name (besides the test-only "scripted")
 
 
 class WorkerConfig(msgspec.Struct, frozen=True):
@@ -97,6 +100,10 @@ class ModelInfo(msgspec.Struct, frozen=True):
     n_params: int
     file_size: int
     chat_template: bool
+    # Why the model runs on `device` and not on the one it preferred (no GPU build, no
+    # Metal...); None when it got what it asked for.
+    fallback: str | None = None
+    memory_bytes: int = 0  # what the backend reports holding for weights and buffers
 
 
 # ---- router -> worker ------------------------------------------------------

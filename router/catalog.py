@@ -3,7 +3,9 @@
 Discovery follows llama-server's router mode: every top-level `*.gguf` is a model
 named after the file (without `.gguf`); every subfolder holding GGUF files is a
 model named after the folder, using the first shard of a split model
-(`-00001-of-0000N`) and an `mmproj*` file as the multimodal projector.
+(`-00001-of-0000N`) and an `mmproj*` file as the multimodal projector. A
+subfolder holding `config.json` and `*.safetensors` is an MLX model, named after
+the folder.
 """
 
 from __future__ import annotations
@@ -76,9 +78,9 @@ def build_catalog(settings: Settings) -> Catalog:
     default_policy = Policy(ttl=server.idle_ttl, max_queue=server.max_queue)
     entries: dict[str, ModelEntry] = {}
     for directory in settings.models_dirs:
-        for name, path, mmproj in discover(directory):
-            entries.setdefault(name, _entry(name, path, mmproj, "models_dir", (), None,
-                                            settings.defaults, None, default_policy))
+        for found in discover(directory):
+            entries.setdefault(found.name, _entry(found.name, found.path, found.mmproj, "models_dir", (),
+                                                  found.backend, settings.defaults, None, default_policy))
     for name, section in settings.models.items():
         path = Path(section.source).expanduser()
         if not path.is_absolute():
@@ -89,8 +91,13 @@ def build_catalog(settings: Settings) -> Catalog:
         policy = Policy(ttl=server.idle_ttl if section.ttl is None else section.ttl,
                         pinned=section.pinned, load_on_startup=section.load_on_startup,
                         max_queue=section.max_queue or server.max_queue)
+        backend = section.backend if section.backend not in (None, "auto") else detect_backend(path)
+        if backend is None:
+            raise ConfigError(f"config key models.{name}.backend: cannot tell which backend serves "
+                              f"{path} (neither a .gguf file nor a folder with config.json and "
+                              "*.safetensors); set backend = \"llama_cpp\" or \"mlx\"")
         entries[name] = _entry(name, path, mmproj, "config", tuple(section.aliases),
-                               section.backend, settings.defaults, section, policy)
+                               backend, settings.defaults, section, policy)
     _check_startup_set(list(entries.values()), server.max_models)
     return Catalog(list(entries.values()))
 
@@ -103,23 +110,50 @@ def _check_startup_set(entries: list[ModelEntry], max_models: int) -> None:
                           f"{len(held)} pinned or load_on_startup models ({', '.join(held)})")
 
 
-def discover(directory: Path) -> list[tuple[str, Path, Path | None]]:
-    """(name, model file, projector) for each model in `directory`, sorted by name."""
+@dataclass(frozen=True)
+class Found:
+    """A model discovered in a models dir."""
+
+    name: str
+    path: Path  # the GGUF file (its first shard), or the MLX folder
+    mmproj: Path | None
+    backend: str
+
+
+def detect_backend(path: Path) -> str | None:
+    """llama_cpp for a .gguf file, mlx for a model folder; None when it is neither."""
+    if path.suffix.lower() == ".gguf":
+        return "llama_cpp"
+    if _is_mlx_folder(path):
+        return "mlx"
+    return None
+
+
+def discover(directory: Path) -> list[Found]:
+    """Each model in `directory`, sorted by name."""
     if not directory.is_dir():
         return []
-    found: list[tuple[str, Path, Path | None]] = []
+    found: list[Found] = []
     for child in sorted(directory.iterdir()):
         if child.is_file() and child.suffix.lower() == ".gguf":
             if _is_projector(child) or _is_later_shard(child):
                 continue
-            found.append((child.name[: -len(".gguf")], child, None))
+            found.append(Found(child.name[: -len(".gguf")], child, None, "llama_cpp"))
+        elif _is_mlx_folder(child):
+            found.append(Found(child.name, child, None, "mlx"))
         elif child.is_dir():
             ggufs = sorted(p for p in child.iterdir() if p.is_file() and p.suffix.lower() == ".gguf")
             models = [p for p in ggufs if not _is_projector(p) and not _is_later_shard(p)]
             projectors = [p for p in ggufs if _is_projector(p)]
             if models:
-                found.append((child.name, models[0], projectors[0] if projectors else None))
+                found.append(Found(child.name, models[0], projectors[0] if projectors else None,
+                                   "llama_cpp"))
     return found
+
+
+def _is_mlx_folder(path: Path) -> bool:
+    return (path.is_dir() and (path / "config.json").is_file()
+            and any(p.is_file() for p in path.glob("*.safetensors")))
 
 
 def _is_projector(path: Path) -> bool:
@@ -132,27 +166,29 @@ def _is_later_shard(path: Path) -> bool:
 
 
 def _entry(name: str, path: Path, mmproj: Path | None, origin: str, aliases: tuple[str, ...],
-           backend: str | None, defaults: BackendOptions, own: ModelSection | None,
+           backend: str, defaults: BackendOptions, own: ModelSection | None,
            policy: Policy) -> ModelEntry:
     def pick(field: str) -> object:
         value = getattr(own, field, None) if own is not None else None
         return getattr(defaults, field) if value is None else value
 
-    options = dict(defaults.options)
+    known = BACKEND_OPTIONS.get(backend, frozenset())
+    # [defaults] options reach the models whose backend has them (GGUF and MLX models mix).
+    options = {k: v for k, v in defaults.options.items() if k in known}
     if own is not None:
+        unknown = sorted(set(own.options) - known)
+        if unknown:
+            raise ConfigError(f"config key models.{name}.options: unknown {backend} option(s) "
+                              f"{', '.join(unknown)} (known: {', '.join(sorted(known))})")
         options.update(own.options)
-    known = BACKEND_OPTIONS.get(backend or "llama_cpp", frozenset())
-    unknown = sorted(set(options) - known)
-    if unknown:
-        where = f"models.{name}.options" if own is not None and set(unknown) & set(own.options) \
-            else "defaults.options"
-        raise ConfigError(f"config key {where}: unknown {backend or 'llama_cpp'} option(s) "
-                          f"{', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        if backend == "mlx" and own.chat_format is not None:
+            raise ConfigError(f"config key models.{name}.chat_format: an mlx model uses its "
+                              "tokenizer's chat template; chat_format is a llama_cpp setting")
     n_ctx = pick("n_ctx")
     worker = WorkerConfig(
         name=name,
         path=str(path),
-        backend=backend or "llama_cpp",
+        backend=backend,
         n_ctx=int(n_ctx or 0),  # type: ignore[call-overload]
         n_gpu_layers=int(pick("n_gpu_layers") or 0),  # type: ignore[call-overload]
         n_threads=int(pick("n_threads") or 0),  # type: ignore[call-overload]

@@ -20,8 +20,9 @@ DEFAULT_PORT = 8080
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
 
 Port = Annotated[int, Meta(ge=0, le=65535)]
-# "scripted" is the fault-injection backend (slow/failing loads, crashes) used by tests.
-Backend = Literal["llama_cpp", "scripted"]
+# "auto" (or no key): a .gguf file is llama_cpp, a folder with config.json and *.safetensors
+# is mlx. "scripted" is the fault-injection backend (slow/failing loads, crashes) of the tests.
+Backend = Literal["auto", "llama_cpp", "mlx", "scripted"]
 
 
 class ConfigError(Exception):

@@ -9,6 +9,7 @@ psutil reports available, capped by the cgroup's limit when systemd set one.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import struct
@@ -23,7 +24,12 @@ from router.admission import MIB
 
 # Measured: a llama.cpp worker serving a 0.5 MB model with n_ctx 512 has an RSS of
 # 51 MiB (llama-cpp-python 0.3.36, CPython 3.11, x86-64); rounded up for compute buffers.
-WORKER_OVERHEAD = 64 * MIB
+# An mlx-lm worker, which imports transformers for the tokenizer: 84 MiB (mlx 0.32.4).
+WORKER_OVERHEAD = {"llama_cpp": 64 * MIB, "mlx": 96 * MIB}
+DEFAULT_OVERHEAD = 64 * MIB
+# An mlx-lm worker keeps this many prompt caches (its `prompt_cache_slots` option).
+MLX_CACHE_SLOTS = 4
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 # Bytes per element of the KV cache by ggml type id (llama-cpp-python's type_k/type_v).
 _KV_TYPE_BYTES = {0: 4.0, 1: 2.0, 2: 18 / 32, 3: 20 / 32, 6: 22 / 32, 7: 24 / 32, 8: 34 / 32, 30: 2.0}
@@ -52,6 +58,10 @@ def mib(n: int) -> str:
 def estimate(config: WorkerConfig) -> Estimate:
     """Blocking (reads a file header): call it off the event loop."""
     path = Path(config.path)
+    overhead = WORKER_OVERHEAD.get(config.backend, DEFAULT_OVERHEAD)
+    if config.backend == "mlx":
+        return Estimate(sum(_size(p) for p in path.glob("*.safetensors")), _mlx_kv_bytes(path, config),
+                        overhead)
     weights = sum(_size(p) for p in model_files(path))
     if config.mmproj:
         weights += _size(Path(config.mmproj))
@@ -61,7 +71,7 @@ def estimate(config: WorkerConfig) -> Estimate:
             kv = _kv_bytes(read_gguf_numbers(path), config)
         except (OSError, ValueError, OverflowError, MemoryError, struct.error):
             kv = 0  # unreadable header: the worker's load will say why
-    return Estimate(weights, kv, WORKER_OVERHEAD)
+    return Estimate(weights, kv, overhead)
 
 
 def model_files(path: Path) -> list[Path]:
@@ -102,6 +112,28 @@ def _kv_bytes(meta: dict[str, int | str | list[int]], config: WorkerConfig) -> i
     k_bytes = _KV_TYPE_BYTES.get(_int_option(config, "type_k", 1), 2.0)
     v_bytes = _KV_TYPE_BYTES.get(_int_option(config, "type_v", 1), 2.0)
     return int(layers * n_ctx * heads_kv * (key_len * k_bytes + value_len * v_bytes))
+
+
+def _mlx_kv_bytes(folder: Path, config: WorkerConfig) -> int:
+    """From config.json; the KV cache grows as needed, up to n_ctx in each of its caches."""
+    try:
+        meta = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return 0  # the worker's load will say what is wrong
+    if not isinstance(meta, dict):
+        return 0
+    meta = meta.get("text_config", meta)  # multimodal configs nest the language model's
+    try:
+        layers, heads = int(meta["num_hidden_layers"]), int(meta["num_attention_heads"])
+        head_dim = int(meta.get("head_dim") or int(meta["hidden_size"]) // heads)
+        heads_kv = int(meta.get("num_key_value_heads") or heads)
+        trained = int(meta.get("max_position_embeddings") or 0)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return 0
+    n_ctx = config.n_ctx or (min(AUTO_N_CTX_CAP, trained) if trained else AUTO_N_CTX_CAP)
+    elem = _DTYPE_BYTES.get(str(meta.get("torch_dtype") or meta.get("dtype") or ""), 2)
+    slots = _int_option(config, "prompt_cache_slots", MLX_CACHE_SLOTS)
+    return max(1, slots) * layers * n_ctx * heads_kv * head_dim * 2 * elem
 
 
 def _int_option(config: WorkerConfig, name: str, default: int) -> int:

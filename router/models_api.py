@@ -2,7 +2,8 @@
 
 `/models` follows llama-server's router mode: each entry has `id` and a
 `status.value` of unloaded | loading | loaded | failed, so clients written for
-llama-server's model picker work unchanged.
+llama-server's model picker work unchanged. Beyond that it shows each model's
+backend (llama_cpp | mlx) and, once loaded, its device (cpu | cuda | metal).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def _status(slot: Slot, now: float) -> dict[str, Any]:
     status: dict[str, Any] = {"value": slot.status.value, "failed": slot.status is ModelStatus.FAILED}
     if slot.status is ModelStatus.LOADING:
         status["progress"] = round(slot.progress, 3)
+        status["stage"] = slot.stage
     if slot.wait_reason is not None:
         status["queued"] = slot.wait_reason
     if slot.failure is not None and slot.status is ModelStatus.FAILED:
@@ -75,8 +77,13 @@ def model_entry(pool: Pool, slot: Slot) -> dict[str, Any]:
         "max_queue": policy.max_queue,
         "memory": {"estimate": slot.estimate.total if slot.estimate else None, "rss": pool.rss(slot)},
     }
-    if slot.info is not None and slot.status is ModelStatus.LOADED:
-        out["meta"] = msgspec.to_builtins(slot.info)
+    info = slot.info if slot.status is ModelStatus.LOADED else None
+    # Where it runs, and why not on the device it preferred (e.g. a build without GPU).
+    out["device"] = info.device if info is not None else None
+    out["device_fallback"] = info.fallback if info is not None else None
+    if info is not None:
+        out["memory"]["backend"] = info.memory_bytes
+        out["meta"] = msgspec.to_builtins(info)
     return out
 
 

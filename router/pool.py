@@ -333,7 +333,7 @@ class Pool:
 
     def _begin_load(self, slot: Slot, evictions: list[asyncio.Task[None]]) -> asyncio.Task[WorkerHandle]:
         slot.status = ModelStatus.LOADING  # holds its place from now, even while victims stop
-        slot.progress = 0.0
+        slot.stage, slot.progress = "", 0.0
         task = asyncio.create_task(self._load(slot, evictions), name=f"load:{slot.entry.name}")
         slot.load_task = task
         task.add_done_callback(self._load_finished)
@@ -367,7 +367,7 @@ class Pool:
     async def _spawn_and_start(self, slot: Slot) -> WorkerHandle:
         name = slot.entry.name
         slot.status = ModelStatus.LOADING
-        worker = self._launch(slot.entry, lambda stage, v: self._on_progress(slot, v),
+        worker = self._launch(slot.entry, lambda stage, v: self._on_progress(slot, stage, v),
                               lambda w: self._on_exit(slot, w))
         slot.worker = worker
         self._workers.add(worker)
@@ -412,8 +412,8 @@ class Pool:
             log.error("model %s failed to load (%d in a row; automatic retries paused for %.0f s): %s",
                       slot.entry.name, slot.failures, delay, failure.message)
 
-    def _on_progress(self, slot: Slot, value: float) -> None:
-        slot.progress = value
+    def _on_progress(self, slot: Slot, stage: str, value: float) -> None:
+        slot.stage, slot.progress = stage, value
 
     def _on_exit(self, slot: Slot, worker: WorkerHandle) -> None:
         self._workers.discard(worker)

@@ -92,7 +92,8 @@ class Slot:
     status: ModelStatus = ModelStatus.UNLOADED
     worker: WorkerHandle | None = None
     load_task: asyncio.Task[WorkerHandle] | None = None
-    progress: float = 0.0
+    progress: float = 0.0  # of the load stage the worker last reported
+    stage: str = ""  # e.g. "weights" (llama.cpp reports one stage, "load")
     in_flight: int = 0  # leases held: waiting for the model or being served
     waiting: int = 0  # of those, still waiting for the model
     last_used: float = 0.0

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import settings
 
 from tests.daemon import Daemon
-from tests.tinymodels import write_tiny_gguf
+from tests.tinymodels import write_tiny_gguf, write_tiny_mlx
 
 # A loaded CI machine must not turn a slow example into a failure.
 settings.register_profile("modelherd", deadline=None, derandomize=True)
@@ -22,6 +22,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("models")
     write_tiny_gguf(d / "tiny-a.gguf", seed=1)
     write_tiny_gguf(d / "tiny-b.gguf", seed=2)
+    write_tiny_mlx(d / "tiny-mlx", seed=3)  # discovered as an MLX model: a folder of safetensors
     return d
 
 
@@ -56,6 +57,10 @@ n_ctx = 1024
 [models."org/tiny-long"]
 source = "{models_dir / 'tiny-b.gguf'}"
 aliases = ["long"]
+n_ctx = 8192
+
+[models."mlx-long"]
+source = "{models_dir / 'tiny-mlx'}"
 n_ctx = 8192
 {extra}
 """)

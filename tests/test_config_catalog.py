@@ -119,14 +119,53 @@ def test_discovery_like_llama_server(tmp_path: Path) -> None:
     _touch(tmp_path / "big" / "big-00001-of-00003.gguf")
     _touch(tmp_path / "big" / "big-00003-of-00003.gguf")
     (tmp_path / "empty").mkdir()
-    found = {name: (path.name, mmproj.name if mmproj else None) for name, path, mmproj in discover(tmp_path)}
+    _touch(tmp_path / "qwen-mlx" / "config.json")  # an MLX folder: config.json and safetensors
+    _touch(tmp_path / "qwen-mlx" / "model.safetensors")
+    _touch(tmp_path / "half-mlx" / "config.json")  # no weights: not a model
+    found = {f.name: (f.path.name, f.mmproj.name if f.mmproj else None, f.backend)
+             for f in discover(tmp_path)}
     assert found == {
-        "plain": ("plain.gguf", None),
-        "split-00001-of-00002": ("split-00001-of-00002.gguf", None),
-        "vision": ("model-q4.gguf", "mmproj-f16.gguf"),
-        "big": ("big-00001-of-00003.gguf", None),
+        "plain": ("plain.gguf", None, "llama_cpp"),
+        "split-00001-of-00002": ("split-00001-of-00002.gguf", None, "llama_cpp"),
+        "vision": ("model-q4.gguf", "mmproj-f16.gguf", "llama_cpp"),
+        "big": ("big-00001-of-00003.gguf", None, "llama_cpp"),
+        "qwen-mlx": ("qwen-mlx", None, "mlx"),
     }
     assert discover(tmp_path / "missing") == []
+
+
+def test_the_backend_follows_the_source_unless_set(tmp_path: Path) -> None:
+    _touch(tmp_path / "folder" / "config.json")
+    _touch(tmp_path / "folder" / "model-00001-of-00002.safetensors")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[models.g]\nsource = "g.gguf"\n[models.m]\nsource = "folder"\n'
+                   '[models.forced]\nsource = "folder"\nbackend = "llama_cpp"\n'
+                   '[models.auto]\nsource = "folder"\nbackend = "auto"\n')
+    catalog = build_catalog(build_settings(cfg, {"models_dirs": [str(tmp_path / "none")]}))
+    backends = {e.name: (e.backend, e.worker.backend) for e in catalog}
+    assert backends == {"g": ("llama_cpp", "llama_cpp"), "m": ("mlx", "mlx"),
+                        "forced": ("llama_cpp", "llama_cpp"), "auto": ("mlx", "mlx")}
+    cfg.write_text('[models.x]\nsource = "weights.bin"\n')
+    with pytest.raises(ConfigError, match=r"models\.x\.backend: cannot tell .* set backend"):
+        build_catalog(build_settings(cfg, {"models_dirs": [str(tmp_path / "none")]}))
+
+
+def test_defaults_options_reach_only_the_backends_that_have_them(tmp_path: Path) -> None:
+    _touch(tmp_path / "models" / "g.gguf")
+    _touch(tmp_path / "models" / "m" / "config.json")
+    _touch(tmp_path / "models" / "m" / "model.safetensors")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[defaults]\noptions = { n_batch = 64, prompt_cache_slots = 2 }\n')
+    catalog = build_catalog(build_settings(cfg, {"models_dirs": [str(tmp_path / "models")]}))
+    options = {e.name: e.worker.options for e in catalog}
+    assert options == {"g": {"n_batch": 64}, "m": {"prompt_cache_slots": 2}}
+    # On the model itself, an option of the other backend is a mistake.
+    cfg.write_text(f'[models.m]\nsource = "{tmp_path}/models/m"\noptions = {{ n_batch = 64 }}\n')
+    with pytest.raises(ConfigError, match=r"models\.m\.options: unknown mlx option\(s\) n_batch"):
+        build_catalog(build_settings(cfg, {"models_dirs": [str(tmp_path / "none")]}))
+    cfg.write_text(f'[models.m]\nsource = "{tmp_path}/models/m"\nchat_format = "chatml"\n')
+    with pytest.raises(ConfigError, match=r"models\.m\.chat_format"):
+        build_catalog(build_settings(cfg, {"models_dirs": [str(tmp_path / "none")]}))
 
 
 def test_catalog_config_overrides_discovered_and_resolves_aliases(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Memory estimates from GGUF headers, and free memory as the cgroup limits it."""
+"""Memory estimates from GGUF headers and MLX configs, and free memory as the cgroup limits it."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def test_estimate_is_weights_plus_kv_cache_plus_process(models_dir: Path) -> Non
     path = models_dir / "tiny-a.gguf"
     est = estimate(WorkerConfig("a", str(path), n_ctx=1024))
     kv_f16 = SHAPE.n_layer * 1024 * SHAPE.n_head_kv * 2 * HEAD_DIM * 2
-    assert (est.weights, est.kv_cache, est.overhead) == (path.stat().st_size, kv_f16, WORKER_OVERHEAD)
+    assert (est.weights, est.kv_cache, est.overhead) == (
+        path.stat().st_size, kv_f16, WORKER_OVERHEAD["llama_cpp"])
     # n_ctx 0 is the trained context (capped), as the worker loads it.
     auto = estimate(WorkerConfig("a", str(path)))
     assert auto.kv_cache == kv_f16 * SHAPE.n_ctx_train // 1024
@@ -50,6 +51,17 @@ def test_split_models_and_projectors_count_every_file(models_dir: Path, tmp_path
     est = estimate(WorkerConfig("m", str(tmp_path / "m-00001-of-00003.gguf"),
                                 mmproj=str(tmp_path / "mmproj.gguf")))
     assert est.weights == 3 * src.stat().st_size + 1000
+
+
+def test_an_mlx_folder_counts_its_safetensors_and_a_kv_cache_per_prompt_cache(models_dir: Path) -> None:
+    folder = models_dir / "tiny-mlx"
+    est = estimate(WorkerConfig("m", str(folder), backend="mlx", n_ctx=1024))
+    kv_f32 = SHAPE.n_layer * 1024 * SHAPE.n_head_kv * HEAD_DIM * 2 * 4  # the tiny folder is float32
+    assert (est.weights, est.kv_cache, est.overhead) == (
+        (folder / "model.safetensors").stat().st_size, 4 * kv_f32, WORKER_OVERHEAD["mlx"])
+    fewer = estimate(WorkerConfig("m", str(folder), backend="mlx", n_ctx=1024,
+                                  options={"prompt_cache_slots": 1}))
+    assert fewer.kv_cache == kv_f32
 
 
 def test_a_file_that_is_not_gguf_still_gets_an_estimate(tmp_path: Path) -> None:

@@ -12,17 +12,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
+import pytest
 
 from tests.daemon import NO_EOS, Daemon, open_stream
 
 LONG = "org/tiny-long"  # n_ctx 8192: room for a generation that outlives the test's actions
 
 
-def test_client_disconnect_cancels_generation(daemon: Daemon) -> None:
-    pid = daemon.load(LONG)["pid"]
+@pytest.mark.parametrize("model", [LONG, "mlx-long"])
+def test_client_disconnect_cancels_generation(daemon: Daemon, model: str) -> None:
+    pid = daemon.load(model)["pid"]
     assert isinstance(pid, int)
     mark = daemon.mark()
-    sock, _ = open_stream(daemon.port, LONG)
+    sock, _ = open_stream(daemon.port, model)
     # Freeze the worker so generation cannot finish on its own while the client leaves.
     os.kill(pid, signal.SIGSTOP)
     try:
@@ -35,7 +37,7 @@ def test_client_disconnect_cancels_generation(daemon: Daemon) -> None:
     assert int(m.group(1)) < 8000
     # The worker is free at once: a new request on the same model is served.
     with daemon.client() as c:
-        r = c.post("/v1/chat/completions", json={"model": LONG, "max_tokens": 3,
+        r = c.post("/v1/chat/completions", json={"model": model, "max_tokens": 3,
                                                  "messages": [{"role": "user", "content": "again"}]})
     assert r.status_code == 200, r.text
 

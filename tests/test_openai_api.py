@@ -17,6 +17,9 @@ import pytest
 
 from tests.daemon import NO_EOS, Daemon
 
+# The same tests run against a GGUF model (llama.cpp) and an MLX folder (mlx-lm).
+BACKENDS = pytest.mark.parametrize("model", ["tiny-a", "tiny-mlx"])
+
 
 @pytest.fixture
 def client(daemon: Daemon) -> Iterator[openai.OpenAI]:
@@ -24,11 +27,12 @@ def client(daemon: Daemon) -> Iterator[openai.OpenAI]:
         yield c
 
 
-def test_chat_non_stream(client: openai.OpenAI) -> None:
+@BACKENDS
+def test_chat_non_stream(client: openai.OpenAI, model: str) -> None:
     r = client.chat.completions.create(
-        model="tiny-a", messages=[{"role": "user", "content": "Hello!"}],
+        model=model, messages=[{"role": "user", "content": "Hello!"}],
         max_tokens=12, logit_bias=NO_EOS, seed=7)
-    assert r.model == "tiny-a"
+    assert r.model == model
     assert r.object == "chat.completion"
     choice = r.choices[0]
     assert choice.message.role == "assistant"
@@ -40,9 +44,10 @@ def test_chat_non_stream(client: openai.OpenAI) -> None:
     assert r.usage.total_tokens == r.usage.prompt_tokens + 12
 
 
-def test_chat_stream_with_usage(client: openai.OpenAI) -> None:
+@BACKENDS
+def test_chat_stream_with_usage(client: openai.OpenAI, model: str) -> None:
     stream = client.chat.completions.create(
-        model="tiny-a", messages=[{"role": "system", "content": "Be brief."},
+        model=model, messages=[{"role": "system", "content": "Be brief."},
                                   {"role": "user", "content": "Count to three."}],
         max_tokens=9, stream=True, stream_options={"include_usage": True}, logit_bias=NO_EOS)
     chunks = list(stream)
@@ -57,8 +62,9 @@ def test_chat_stream_with_usage(client: openai.OpenAI) -> None:
     assert len({c.id for c in chunks}) == 1
 
 
-def test_stream_wire_format_and_headers(daemon: Daemon) -> None:
-    body = {"model": "tiny-a", "messages": [{"role": "user", "content": "hi"}],
+@BACKENDS
+def test_stream_wire_format_and_headers(daemon: Daemon, model: str) -> None:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}],
             "max_tokens": 5, "stream": True, "logit_bias": NO_EOS}
     with daemon.client() as c, c.stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200
@@ -74,9 +80,10 @@ def test_stream_wire_format_and_headers(daemon: Daemon) -> None:
     assert "usage" not in payloads[0]  # only present when stream_options.include_usage is set
 
 
-def test_stream_and_non_stream_give_the_same_text(client: openai.OpenAI) -> None:
+@BACKENDS
+def test_stream_and_non_stream_give_the_same_text(client: openai.OpenAI, model: str) -> None:
     # 400 fast tokens: the worker batches them into fewer frames; nothing may be lost.
-    kwargs = dict(model="tiny-a", messages=[{"role": "user", "content": "same"}], max_tokens=400,
+    kwargs = dict(model=model, messages=[{"role": "user", "content": "same"}], max_tokens=400,
                   seed=5, temperature=0.7, logit_bias=NO_EOS)
     whole = client.chat.completions.create(**kwargs).choices[0].message.content  # type: ignore[call-overload]
     chunks = list(client.chat.completions.create(stream=True, **kwargs))  # type: ignore[call-overload]
@@ -85,10 +92,11 @@ def test_stream_and_non_stream_give_the_same_text(client: openai.OpenAI) -> None
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
-def test_stop_string_is_honoured(client: openai.OpenAI) -> None:
+@BACKENDS
+def test_stop_string_is_honoured(client: openai.OpenAI, model: str) -> None:
     # Find a piece of what the model says, then ask it to stop there: the same seed
     # reproduces the text, which must end right before the stop string.
-    kwargs = dict(model="tiny-a", prompt="Once upon a time", max_tokens=30, seed=11,
+    kwargs = dict(model=model, prompt="Once upon a time", max_tokens=30, seed=11,
                   temperature=0.0, logit_bias=NO_EOS)
     full = client.completions.create(**kwargs).choices[0].text  # type: ignore[call-overload]
     stop = full[10:13]
@@ -98,29 +106,32 @@ def test_stop_string_is_honoured(client: openai.OpenAI) -> None:
     assert cut.choices[0].text == full[: full.index(stop)]
 
 
-def test_completions_stream_and_not(client: openai.OpenAI) -> None:
-    r = client.completions.create(model="tiny-b", prompt="The quick brown", max_tokens=7,
+@BACKENDS
+def test_completions_stream_and_not(client: openai.OpenAI, model: str) -> None:
+    r = client.completions.create(model=model, prompt="The quick brown", max_tokens=7,
                                   logit_bias=NO_EOS)
     assert r.object == "text_completion"
     assert r.usage is not None and r.usage.completion_tokens == 7
-    pieces = list(client.completions.create(model="tiny-b", prompt="The quick brown", max_tokens=7,
+    pieces = list(client.completions.create(model=model, prompt="The quick brown", max_tokens=7,
                                             stream=True, logit_bias=NO_EOS))
     assert "".join(p.choices[0].text for p in pieces)
     assert pieces[-1].choices[0].finish_reason == "length"
 
 
-def test_seed_makes_sampling_reproducible(client: openai.OpenAI) -> None:
+@BACKENDS
+def test_seed_makes_sampling_reproducible(client: openai.OpenAI, model: str) -> None:
     def once() -> str | None:
         return client.chat.completions.create(
-            model="tiny-a", messages=[{"role": "user", "content": "x"}], max_tokens=15,
+            model=model, messages=[{"role": "user", "content": "x"}], max_tokens=15,
             seed=1234, temperature=1.0, logit_bias=NO_EOS).choices[0].message.content
     assert once() == once()
 
 
-def test_one_clients_seed_does_not_fix_the_next_clients_sampling(client: openai.OpenAI) -> None:
+@BACKENDS
+def test_one_clients_seed_does_not_fix_the_next_clients_sampling(client: openai.OpenAI, model: str) -> None:
     def ask(**kw: object) -> str | None:
         return client.chat.completions.create(  # type: ignore[call-overload, no-any-return]
-            model="tiny-b", messages=[{"role": "user", "content": "x"}], max_tokens=30,
+            model=model, messages=[{"role": "user", "content": "x"}], max_tokens=30,
             temperature=1.0, logit_bias=NO_EOS, **kw).choices[0].message.content
     ask(seed=7)
     assert ask() != ask()

@@ -1,4 +1,4 @@
-"""Resumable streams end to end: real daemon, real llama.cpp workers, raw sockets and httpx.
+"""Resumable streams end to end: real daemon, real llama.cpp and mlx-lm workers, raw sockets, httpx.
 
 The wire protocol is llama-server's: X-Conversation-Id on a streaming POST, then
 GET /v1/stream?conv_id=&from=, POST /v1/streams/lookup, DELETE /v1/stream.
@@ -9,6 +9,7 @@ The scripted backend appears only as a model whose load takes a minute, so that
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 from collections.abc import Iterator
@@ -22,6 +23,8 @@ from tests.daemon import NO_EOS, Daemon, http_body, open_stream, read_to_end, se
 
 DONE = b"data: [DONE]\n\n"
 LONG = "org/tiny-long"  # a slash in the name, and n_ctx 8192 for long generations
+MLX_LONG = "mlx-long"  # the same, served by mlx-lm
+BACKENDS = pytest.mark.parametrize("model", [LONG, MLX_LONG])
 
 
 def _config(path: Path, models_dir: Path, server: str = "") -> Path:
@@ -40,6 +43,10 @@ source = "{models_dir / 'tiny-a.gguf'}"
 
 [models."{LONG}"]
 source = "{models_dir / 'tiny-b.gguf'}"
+n_ctx = 8192
+
+[models."{MLX_LONG}"]
+source = "{models_dir / 'tiny-mlx'}"
 n_ctx = 8192
 
 [models.slowload]
@@ -99,12 +106,14 @@ def conv_header(conv: str) -> bytes:
 # ---- resuming ----------------------------------------------------------------------------
 
 
-def test_a_dropped_client_resumes_from_its_last_complete_line(streams: Daemon) -> None:
+@BACKENDS
+def test_a_dropped_client_resumes_from_its_last_complete_line(streams: Daemon, model: str) -> None:
     mark = streams.mark()
-    streams.load(LONG)
-    sock, received = open_stream(streams.port, LONG, events=3, max_tokens=3000, headers=conv_header("drop"))
+    streams.load(model)
+    sock, received = open_stream(streams.port, model, events=3, max_tokens=3000, headers=conv_header("drop"))
     sock.close()  # the phone lost Wi-Fi
-    streams.wait_for_log(r"\[org/tiny-long\] .*request \d+: its client left; generating on", start=mark)
+    streams.wait_for_log(rf"\[{re.escape(model)}\] .*request \d+: its client left; generating on",
+                         start=mark)
     before = http_body(received)
     offset = before.rfind(b"\n") + 1
     assert 0 < offset <= len(before)
@@ -209,10 +218,11 @@ def test_delete_then_get_is_404_and_delete_is_idempotent(streams: Daemon) -> Non
         assert c.delete("/v1/stream", params={"conv_id": "never-was"}).status_code == 204
 
 
-def test_delete_stops_a_running_generation(streams: Daemon) -> None:
+@BACKENDS
+def test_delete_stops_a_running_generation(streams: Daemon, model: str) -> None:
     mark = streams.mark()
-    streams.load(LONG)
-    sock, received = open_stream(streams.port, LONG, events=3, max_tokens=6000, headers=conv_header("stop"))
+    streams.load(model)
+    sock, received = open_stream(streams.port, model, events=3, max_tokens=6000, headers=conv_header("stop"))
     with streams.client() as c:
         assert c.delete("/v1/stream", params={"conv_id": "stop"}).status_code == 204
     rest = http_body(read_to_end(sock, received))
@@ -231,7 +241,7 @@ def test_a_new_post_on_the_id_stops_the_stream_running_on_another_model(streams:
     os.kill(pid, signal.SIGSTOP)
     try:
         with streams.client() as c:
-            newer = post(c, "swap", model="tiny-a", max_tokens=5)
+            newer = post(c, "swap", model=MLX_LONG, max_tokens=5)  # and on another backend
     finally:
         os.kill(pid, signal.SIGCONT)
     old = http_body(read_to_end(sock, received))
@@ -240,7 +250,7 @@ def test_a_new_post_on_the_id_stops_the_stream_running_on_another_model(streams:
     assert b"request stopped: a newer request took over this conversation" in old and DONE not in old
     with streams.client() as c:
         assert replay(c, "swap").content == newer.content
-        assert b'"model":"tiny-a"' in newer.content
+        assert b'"model":"mlx-long"' in newer.content
 
 
 def test_a_stuck_worker_makes_its_ids_absent_without_holding_up_the_others(streams: Daemon) -> None:

@@ -4,6 +4,10 @@
 built-in corpus and writes a llama-architecture GGUF with random F32 weights and a
 ChatML chat template. llama.cpp loads it in milliseconds and generates (random)
 text from it through exactly the code paths a real model uses.
+
+`write_tiny_mlx` writes the same kind of model as a Hugging Face style folder
+(config.json, model.safetensors, tokenizer.json, tokenizer_config.json with the
+chat template), the layout mlx-lm loads.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -47,7 +52,11 @@ class TinyShape:
     n_ctx_train: int = 512
 
 
-def _train_vocab(n_vocab: int) -> tuple[list[str], list[int], list[str]]:
+# The benches' model sizes: the suite's own, and one with ~30M parameters (slower per token).
+SHAPES = {"tiny": TinyShape(), "small": TinyShape(n_embd=512, n_head=8, n_head_kv=8, n_ff=1536, n_layer=8)}
+
+
+def _train_tokenizer(n_vocab: int) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -60,6 +69,11 @@ def _train_vocab(n_vocab: int) -> tuple[list[str], list[int], list[str]]:
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS * 4, trainer)
+    return tok
+
+
+def _train_vocab(n_vocab: int) -> tuple[list[str], list[int], list[str]]:
+    tok = _train_tokenizer(n_vocab)
     by_id = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
     tokens = [t for t, _ in by_id]
     assert [i for _, i in by_id] == list(range(len(tokens))), "vocab ids must be dense"
@@ -128,6 +142,74 @@ def write_tiny_gguf(path: Path, seed: int = 0, shape: TinyShape | None = None) -
     writer.close()
     os.replace(tmp, path)
     return path
+
+
+def write_tiny_mlx(folder: Path, seed: int = 0, shape: TinyShape | None = None,
+                   model_type: str = "llama") -> Path:
+    """Write a loadable mlx-lm model folder (atomically: built beside it, then renamed)."""
+    from safetensors.numpy import save_file
+
+    shape = shape or TinyShape()
+    tok = _train_tokenizer(shape.n_vocab_target)
+    n_vocab = tok.get_vocab_size()
+    rng = np.random.default_rng(seed)
+    head_dim = shape.n_embd // shape.n_head
+    n_kv = shape.n_head_kv * head_dim
+
+    def w(*dims: int) -> np.ndarray:
+        return (rng.standard_normal(dims) * 0.5).astype(np.float32)
+
+    weights = {"model.embed_tokens.weight": w(n_vocab, shape.n_embd)}
+    for i in range(shape.n_layer):
+        p = f"model.layers.{i}."
+        weights |= {
+            p + "input_layernorm.weight": np.ones(shape.n_embd, dtype=np.float32),
+            p + "self_attn.q_proj.weight": w(shape.n_embd, shape.n_embd),
+            p + "self_attn.k_proj.weight": w(n_kv, shape.n_embd),
+            p + "self_attn.v_proj.weight": w(n_kv, shape.n_embd),
+            p + "self_attn.o_proj.weight": w(shape.n_embd, shape.n_embd),
+            p + "post_attention_layernorm.weight": np.ones(shape.n_embd, dtype=np.float32),
+            p + "mlp.gate_proj.weight": w(shape.n_ff, shape.n_embd),
+            p + "mlp.up_proj.weight": w(shape.n_ff, shape.n_embd),
+            p + "mlp.down_proj.weight": w(shape.n_embd, shape.n_ff),
+        }
+    weights["model.norm.weight"] = np.ones(shape.n_embd, dtype=np.float32)
+    weights["lm_head.weight"] = w(n_vocab, shape.n_embd)
+    eos = tok.token_to_id("<|im_end|>")
+    config = {
+        "model_type": model_type,
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": shape.n_embd,
+        "num_hidden_layers": shape.n_layer,
+        "intermediate_size": shape.n_ff,
+        "num_attention_heads": shape.n_head,
+        "num_key_value_heads": shape.n_head_kv,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": n_vocab,
+        "max_position_embeddings": shape.n_ctx_train,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "bos_token_id": tok.token_to_id("<|endoftext|>"),
+        "eos_token_id": eos,
+    }
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": CHATML_TEMPLATE,
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "add_bos_token": False,
+        "model_max_length": shape.n_ctx_train,
+    }
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "mlx"})
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    (tmp / "tokenizer.json").write_text(tok.to_str())
+    (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    os.replace(tmp, folder)
+    return folder
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """The interface every inference backend implements, and the values it trades in.
 
 The engine and the renderer only see these types; which library does the
-work (llama-cpp-python today, mlx-lm next) is the backend's business.
+work (llama-cpp-python or mlx-lm) is the backend's business. A backend that
+cannot do something a request asks for (embeddings, grammars) raises
+`RequestInvalid` with `ErrorKind.UNSUPPORTED`, naming the feature.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class Finish:
     reason: str  # "stop" | "length"
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV cache was reused from an earlier request
 
 
 # A generation yields text pieces (one per sampled token, UTF-8 permitting) then a Finish.
@@ -57,6 +60,9 @@ class Embeddings:
 
 
 class Backend(Protocol):
+    """Called from two threads: `load` and `close` on the worker's socket thread, the
+    rest on the engine thread, one call at a time. `cancel` is checked between tokens."""
+
     def load(self, config: WorkerConfig, progress: ProgressFn) -> ModelInfo: ...
 
     def chat(self, messages: list[dict[str, str]], params: GenParams,
@@ -71,14 +77,36 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+class BackendMissing(Exception):
+    """The backend's library is not installed in this environment."""
+
+
+# The extra that installs each backend's library, for the error that says what to do.
+_EXTRAS = {"llama_cpp": (("llama_cpp",), "llama"), "mlx": (("mlx_lm", "mlx"), "mlx")}
+
+
 def make_backend(name: str) -> Backend:
     """Import the backend library lazily: a worker loads exactly one."""
-    if name == "llama_cpp":
-        from worker.llama_backend import LlamaBackend
+    try:
+        if name == "llama_cpp":
+            from worker.llama_backend import LlamaBackend
 
-        return LlamaBackend()
+            return LlamaBackend()
+        if name == "mlx":
+            from worker.mlx_backend import MlxBackend
+
+            return MlxBackend()
+    except ImportError as exc:
+        modules, extra = _EXTRAS[name]
+        # Only the library itself missing is an install problem; anything else
+        # (a broken native build, a missing system library) is reported as it is.
+        if exc.name is None or exc.name.split(".")[0] not in modules:
+            raise
+        raise BackendMissing(
+            f"the {name} backend needs {exc.name.split('.')[0]}, which is not installed: "
+            f"install modelherd[{extra}] (pip install 'modelherd[{extra}]')") from exc
     if name == "scripted":
         from worker.scripted_backend import ScriptedBackend
 
         return ScriptedBackend()
-    raise ValueError(f"unknown backend {name!r} (known: llama_cpp, scripted)")
+    raise ValueError(f"unknown backend {name!r} (known: llama_cpp, mlx, scripted)")

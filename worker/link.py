@@ -77,8 +77,8 @@ class Link:
         if configure is None:
             return EXIT_NO_CONFIG
         config = configure.model
-        backend = make_backend(config.backend)
         try:
+            backend = make_backend(config.backend)
             info = backend.load(config, self._progress_reporter())
         except Exception as exc:
             if self._shutdown_requested:
@@ -89,7 +89,9 @@ class Link:
         if self._shutdown_requested:
             return EXIT_OK
         self._send(Ready(info))
-        log.info("loaded %s (%s, n_ctx=%d)", config.name, info.device, info.n_ctx)
+        log.info("loaded %s (%s on %s, n_ctx=%d)", config.name, info.backend, info.device, info.n_ctx)
+        if info.fallback:
+            log.warning("%s: %s", config.name, info.fallback)
         store = StreamStore(configure.streams)
         pump = threading.Thread(target=self._pump_streams, args=(store,), name="streams", daemon=True)
         pump.start()

@@ -64,16 +64,18 @@ class LlamaBackend:
         progress("load", 0.0)
         llm = self._llm = _load_with_progress(self._kwargs, lambda v: progress("load", v))
         progress("load", 1.0)
-        gpu = llama_cpp.llama_supports_gpu_offload() and config.n_gpu_layers != 0
+        device, fallback = _device(config.n_gpu_layers)
         return ModelInfo(
             backend="llama_cpp",
-            device=("metal" if sys.platform == "darwin" else "cuda") if gpu else "cpu",
+            device=device,
             n_ctx=llm.n_ctx(),
             n_ctx_train=llm._model.n_ctx_train(),
             n_vocab=llm.n_vocab(),
             n_params=llm._model.n_params(),
             file_size=os.path.getsize(config.path),
             chat_template="tokenizer.chat_template" in llm.metadata,
+            fallback=fallback,
+            memory_bytes=int(llm._model.size()),
         )
 
     def close(self) -> None:
@@ -123,6 +125,7 @@ class LlamaBackend:
         # Always reseed: a seed one client chose must not make the next client's sampling repeat.
         llm.set_seed(params.seed if params.seed is not None else random.getrandbits(32))
         processors = LogitsProcessorList([_bias(params.logit_bias)]) if params.logit_bias else None
+        cached = _reused_prefix(llm, prompt)
         vocab = llm._model.vocab
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         buf = ctypes.create_string_buffer(256)
@@ -159,7 +162,7 @@ class LlamaBackend:
             tail = pending + decoder.decode(b"", final=True)
             if tail:
                 yield tail
-        yield Finish(reason, len(prompt), count)
+        yield Finish(reason, len(prompt), count, cached)
 
     def embed(self, inputs: list[str]) -> Embeddings:
         if self._embedder is None:
@@ -206,6 +209,32 @@ class _PromptCapture:
         self.prompt = list(prompt)
         self.stop = [stop] if isinstance(stop, str) else list(stop or [])
         return iter(())
+
+
+def _device(n_gpu_layers: int) -> tuple[str, str | None]:
+    """(device, why not the GPU asked for): a CPU-only build ignores n_gpu_layers."""
+    if n_gpu_layers == 0:
+        return "cpu", None
+    if not llama_cpp.llama_supports_gpu_offload():
+        return "cpu", (f"n_gpu_layers={n_gpu_layers} asks for a GPU, but this llama-cpp-python "
+                       "was built without GPU offload (CUDA or Metal); running on the CPU")
+    return ("metal" if sys.platform == "darwin" else "cuda"), None
+
+
+def _reused_prefix(llm: Llama, prompt: list[int]) -> int:
+    """How many prompt tokens `Llama.generate` will take from its KV cache instead of
+    evaluating: its own rule (0.3.36), worked out before it runs."""
+    held = list(llm._input_ids)
+    n = 0
+    for a, b in zip(held, prompt, strict=False):
+        if a != b:
+            break
+        n += 1
+    if n < len(prompt):
+        return n
+    if len(held) == len(prompt) and not getattr(llm, "_requires_eval", True):
+        return n  # the whole prompt, logits and all
+    return n - 1  # one token is evaluated again for fresh logits
 
 
 def _bias(bias: dict[int, float]) -> Any:

@@ -23,11 +23,13 @@ def _new_id(prefix: str) -> str:
     return prefix + os.urandom(12).hex()
 
 
-def _usage(finish: Finish) -> dict[str, int]:
+def _usage(finish: Finish) -> dict[str, object]:
     return {
         "prompt_tokens": finish.prompt_tokens,
         "completion_tokens": finish.completion_tokens,
         "total_tokens": finish.prompt_tokens + finish.completion_tokens,
+        # OpenAI's field for prompt caching: tokens whose KV cache was reused.
+        "prompt_tokens_details": {"cached_tokens": finish.cached_tokens},
     }
 
 
