@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 
 import psutil  # noqa: E402
 
+from bench.rawhttp import completion_tokens  # noqa: E402
 from bench.stats import pct  # noqa: E402
 from tests.daemon import Daemon  # noqa: E402
 from tests.tinymodels import SHAPES, write_tiny_gguf, write_tiny_mlx  # noqa: E402
@@ -178,10 +179,10 @@ def through_daemon(port: int, model: str, max_tokens: int) -> Callable[[], tuple
             data = sock.recv(65536)
             parts.append(data)
             tail = tail[-16:] + data
-        buf = b"".join(parts)
-        at = buf.rindex(b'"usage":{')
-        usage = json.loads(buf[at + 8: buf.index(b"}", at) + 1])
-        return first or total, int(usage["completion_tokens"]), total
+        tokens = completion_tokens(b"".join(parts))
+        if tokens is None:
+            raise RuntimeError("stream ended without a usage event")
+        return first or total, tokens, total
 
     def run() -> tuple[float, int, float]:
         try:

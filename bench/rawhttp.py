@@ -119,8 +119,17 @@ class Conn:
             raise HttpError(f"error event: {tail[at:][:300]!r}")
         if not tail.rstrip().endswith(DONE):
             raise HttpError(f"stream ended without [DONE]: {tail[-300:]!r}")
-        at = tail.rfind(b'"usage":{')
-        if at < 0:
+        tokens = completion_tokens(tail)
+        if tokens is None:
             raise HttpError(f"no usage in the last event: {tail[-300:]!r}")
-        usage = json.loads(tail[at + 8: tail.index(b"}", at) + 1])
-        return Reply(first or ttlb, ttlb, int(usage["completion_tokens"]), events)
+        return Reply(first or ttlb, ttlb, tokens, events)
+
+
+def completion_tokens(sse_tail: bytes) -> int | None:
+    """The usage event's completion_tokens, from the end of an SSE body (the one event
+    that has the field; usage nests objects, so it is not cut out by brace matching)."""
+    at = sse_tail.rfind(b'"usage":{')
+    if at < 0:
+        return None
+    start = sse_tail.rfind(b"data: ", 0, at) + len(b"data: ")
+    return int(json.loads(sse_tail[start: sse_tail.index(b"\n", at)])["usage"]["completion_tokens"])
