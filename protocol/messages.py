@@ -50,7 +50,6 @@ BACKEND_OPTIONS: dict[str, frozenset[str]] = {
     "mlx": frozenset({"device", "prompt_cache_slots", "prefill_step_size", "kv_bits", "kv_group_size"}),
     "scripted": frozenset({"load_seconds", "fail_load", "token_seconds", "crash_after_tokens"}),
 }
-BACKENDS = ("llama_cpp", "mlx")  # what `backend =` may name (besides the test-only "scripted")
 
 
 class WorkerConfig(msgspec.Struct, frozen=True):

@@ -93,9 +93,10 @@ def build_catalog(settings: Settings) -> Catalog:
                         max_queue=section.max_queue or server.max_queue)
         backend = section.backend if section.backend not in (None, "auto") else detect_backend(path)
         if backend is None:
+            what = ("neither a .gguf file nor a folder with config.json and *.safetensors"
+                    if path.exists() else "it does not exist")
             raise ConfigError(f"config key models.{name}.backend: cannot tell which backend serves "
-                              f"{path} (neither a .gguf file nor a folder with config.json and "
-                              "*.safetensors); set backend = \"llama_cpp\" or \"mlx\"")
+                              f"{path} ({what}); set backend = \"llama_cpp\" or \"mlx\"")
         entries[name] = _entry(name, path, mmproj, "config", tuple(section.aliases),
                                backend, settings.defaults, section, policy)
     _check_startup_set(list(entries.values()), server.max_models)
