@@ -5,6 +5,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import pytest
 from hypothesis import settings
 
@@ -14,6 +15,9 @@ from tests.tinymodels import write_tiny_gguf, write_tiny_mlx
 # A loaded CI machine must not turn a slow example into a failure.
 settings.register_profile("modelherd", deadline=None, derandomize=True)
 settings.load_profile("modelherd")
+
+# Tests that run once against a GGUF model (llama.cpp) and once against an MLX folder (mlx-lm).
+BACKENDS = pytest.mark.parametrize("model", ["tiny-a", "tiny-mlx"])
 
 
 
@@ -73,3 +77,10 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, models_dir: Path,
     config = write_config(tmp_path_factory.mktemp("cfg") / "modelherd.toml", models_dir)
     with Daemon("--config", str(config), env=isolated_env) as d:
         yield d
+
+
+@pytest.fixture
+def client(daemon: Daemon) -> Iterator[openai.OpenAI]:
+    """The official client on the session daemon."""
+    with openai.OpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0, timeout=60) as c:
+        yield c

@@ -8,23 +8,13 @@ import json
 import os
 import shutil
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
-import pytest
 
+from tests.conftest import BACKENDS
 from tests.daemon import NO_EOS, Daemon
-
-BACKENDS = pytest.mark.parametrize("model", ["tiny-a", "tiny-mlx"])
-
-
-@pytest.fixture
-def client(daemon: Daemon) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0, timeout=60) as c:
-        yield c
-
 
 # Sampling fields beyond OpenAI's (llama-server's names), sent through the client's extra_body.
 EXTRA = {"top_k", "min_p", "repeat_penalty"}

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import struct
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -15,16 +14,8 @@ import openai
 import psutil
 import pytest
 
+from tests.conftest import BACKENDS
 from tests.daemon import NO_EOS, Daemon
-
-# The same tests run against a GGUF model (llama.cpp) and an MLX folder (mlx-lm).
-BACKENDS = pytest.mark.parametrize("model", ["tiny-a", "tiny-mlx"])
-
-
-@pytest.fixture
-def client(daemon: Daemon) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0, timeout=60) as c:
-        yield c
 
 
 @BACKENDS
