@@ -47,7 +47,7 @@ BACKEND_OPTIONS: dict[str, frozenset[str]] = {
         "rope_freq_scale", "type_k", "type_v", "offload_kqv", "last_n_tokens_size", "seed",
     }),
     # device: "gpu" (the default: Metal, or CUDA with mlx[cuda]) or "cpu".
-    "mlx": frozenset({"device", "prompt_cache_slots", "prefill_step_size", "kv_bits", "kv_group_size"}),
+    "mlx": frozenset({"device", "prompt_cache_slots", "prefill_step_size"}),
     "scripted": frozenset({"load_seconds", "fail_load", "token_seconds", "crash_after_tokens"}),
 }
 

@@ -93,10 +93,9 @@ def build_catalog(settings: Settings) -> Catalog:
                         max_queue=section.max_queue or server.max_queue)
         backend = section.backend if section.backend not in (None, "auto") else detect_backend(path)
         if backend is None:
-            what = ("neither a .gguf file nor a folder with config.json and *.safetensors"
-                    if path.exists() else "it does not exist")
             raise ConfigError(f"config key models.{name}.backend: cannot tell which backend serves "
-                              f"{path} ({what}); set backend = \"llama_cpp\" or \"mlx\"")
+                              f"{path} (neither a .gguf file nor a folder with config.json and "
+                              "*.safetensors); set backend = \"llama_cpp\" or \"mlx\"")
         entries[name] = _entry(name, path, mmproj, "config", tuple(section.aliases),
                                backend, settings.defaults, section, policy)
     _check_startup_set(list(entries.values()), server.max_models)
@@ -122,10 +121,13 @@ class Found:
 
 
 def detect_backend(path: Path) -> str | None:
-    """llama_cpp for a .gguf file, mlx for a model folder; None when it is neither."""
+    """llama_cpp for a .gguf file, mlx for a model folder; None when it is neither.
+
+    A source that is not there (yet) is a folder to come unless it is named .gguf: as
+    with a missing GGUF file, its load fails and says so, and the daemon still starts."""
     if path.suffix.lower() == ".gguf":
         return "llama_cpp"
-    if _is_mlx_folder(path):
+    if _is_mlx_folder(path) or not path.exists():
         return "mlx"
     return None
 
@@ -140,15 +142,17 @@ def discover(directory: Path) -> list[Found]:
             if _is_projector(child) or _is_later_shard(child):
                 continue
             found.append(Found(child.name[: -len(".gguf")], child, None, "llama_cpp"))
-        elif _is_mlx_folder(child):
-            found.append(Found(child.name, child, None, "mlx"))
         elif child.is_dir():
+            # GGUF files win over safetensors in the same folder, as before MLX was served
+            # (Hugging Face repos often hold both).
             ggufs = sorted(p for p in child.iterdir() if p.is_file() and p.suffix.lower() == ".gguf")
             models = [p for p in ggufs if not _is_projector(p) and not _is_later_shard(p)]
             projectors = [p for p in ggufs if _is_projector(p)]
             if models:
                 found.append(Found(child.name, models[0], projectors[0] if projectors else None,
                                    "llama_cpp"))
+            elif _is_mlx_folder(child):
+                found.append(Found(child.name, child, None, "mlx"))
     return found
 
 
@@ -182,18 +186,24 @@ def _entry(name: str, path: Path, mmproj: Path | None, origin: str, aliases: tup
             raise ConfigError(f"config key models.{name}.options: unknown {backend} option(s) "
                               f"{', '.join(unknown)} (known: {', '.join(sorted(known))})")
         options.update(own.options)
-        if backend == "mlx" and own.chat_format is not None:
-            raise ConfigError(f"config key models.{name}.chat_format: an mlx model uses its "
-                              "tokenizer's chat template; chat_format is a llama_cpp setting")
+        if backend == "mlx":
+            # llama.cpp settings an MLX model would silently ignore.
+            for key, why in (("chat_format", "it uses its tokenizer's chat template"),
+                             ("mmproj", "it has no multimodal projector"),
+                             ("n_gpu_layers", 'it runs on the GPU unless options.device = "cpu"')):
+                if getattr(own, key) is not None:
+                    raise ConfigError(f"config key models.{name}.{key}: a llama_cpp setting, "
+                                      f"not for an mlx model ({why})")
     n_ctx = pick("n_ctx")
+    llama = backend != "mlx"  # [defaults]' llama.cpp settings do not reach MLX models
     worker = WorkerConfig(
         name=name,
         path=str(path),
         backend=backend,
         n_ctx=int(n_ctx or 0),  # type: ignore[call-overload]
-        n_gpu_layers=int(pick("n_gpu_layers") or 0),  # type: ignore[call-overload]
-        n_threads=int(pick("n_threads") or 0),  # type: ignore[call-overload]
-        chat_format=pick("chat_format"),  # type: ignore[arg-type]
+        n_gpu_layers=int(pick("n_gpu_layers") or 0) if llama else 0,  # type: ignore[call-overload]
+        n_threads=int(pick("n_threads") or 0) if llama else 0,  # type: ignore[call-overload]
+        chat_format=pick("chat_format") if llama else None,  # type: ignore[arg-type]
         mmproj=str(mmproj) if mmproj else None,
         options=options,
     )

@@ -27,7 +27,8 @@ from router.admission import MIB
 # An mlx-lm worker, which imports transformers for the tokenizer: 84 MiB (mlx 0.32.4).
 WORKER_OVERHEAD = {"llama_cpp": 64 * MIB, "mlx": 96 * MIB}
 DEFAULT_OVERHEAD = 64 * MIB
-# An mlx-lm worker keeps this many prompt caches (its `prompt_cache_slots` option).
+# An mlx-lm worker keeps this many prompt caches (its `prompt_cache_slots` option), and
+# one more is in use while a request runs.
 MLX_CACHE_SLOTS = 4
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -133,7 +134,7 @@ def _mlx_kv_bytes(folder: Path, config: WorkerConfig) -> int:
     n_ctx = config.n_ctx or (min(AUTO_N_CTX_CAP, trained) if trained else AUTO_N_CTX_CAP)
     elem = _DTYPE_BYTES.get(str(meta.get("torch_dtype") or meta.get("dtype") or ""), 2)
     slots = _int_option(config, "prompt_cache_slots", MLX_CACHE_SLOTS)
-    return max(1, slots) * layers * n_ctx * heads_kv * head_dim * 2 * elem
+    return (max(1, slots) + 1) * layers * n_ctx * heads_kv * head_dim * 2 * elem
 
 
 def _int_option(config: WorkerConfig, name: str, default: int) -> int:

@@ -63,14 +63,20 @@ def test_sampling_parameters_reach_the_sampler(client: openai.OpenAI, model: str
     # Each of these alone leaves only the most likely token, whatever the temperature.
     assert say(client, model, temperature=1.5, top_k=1) == greedy
     assert say(client, model, temperature=1.5, top_p=1e-6) == greedy
+    assert say(client, model, temperature=1.5, top_p=0.0) == greedy
     assert say(client, model, temperature=1.5, min_p=1.0) == greedy
     # Without them, that temperature samples something else from the same seed.
     assert say(client, model, temperature=1.5, seed=1) != greedy
     # A penalty for repeating changes what greedy decoding says (the tiny model loops).
     assert say(client, model, 30, temperature=0.0, repeat_penalty=1.5) != say(
         client, model, 30, temperature=0.0)
-    assert say(client, model, 30, temperature=0.0, frequency_penalty=2.0) != say(
-        client, model, 30, temperature=0.0)
+    for penalty in ("frequency_penalty", "presence_penalty"):
+        assert say(client, model, 30, temperature=0.0, **{penalty: 2.0}) != say(
+            client, model, 30, temperature=0.0)
+    # Any integer is a seed: negative, past 64 bits, or llama.cpp's "random" 0xFFFFFFFF.
+    for seed in (-1, 2**64 + 5, 0xFFFFFFFF):
+        assert say(client, model, temperature=1.0, seed=seed) == say(
+            client, model, temperature=1.0, seed=seed)
 
 
 @BACKENDS
@@ -148,7 +154,7 @@ def test_without_mlx_installed_an_mlx_model_fails_saying_what_to_install(
     hide = tmp_path / "hide"
     hide.mkdir()
     (hide / "sitecustomize.py").write_text("import sys\nsys.modules['mlx'] = sys.modules['mlx_lm'] = None\n")
-    env = {**isolated_env, "PYTHONPATH": os.pathsep.join([str(hide), os.getcwd()])}
+    env = {**isolated_env, "PYTHONPATH": os.pathsep.join([str(hide), str(Path(__file__).parent.parent)])}
     (tmp_path / "c.toml").write_text(f"""
 [server]
 models_dirs = ["{models_dir}"]

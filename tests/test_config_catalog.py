@@ -122,6 +122,9 @@ def test_discovery_like_llama_server(tmp_path: Path) -> None:
     _touch(tmp_path / "qwen-mlx" / "config.json")  # an MLX folder: config.json and safetensors
     _touch(tmp_path / "qwen-mlx" / "model.safetensors")
     _touch(tmp_path / "half-mlx" / "config.json")  # no weights: not a model
+    _touch(tmp_path / "both" / "config.json")  # GGUF files win, as before MLX was served
+    _touch(tmp_path / "both" / "model.safetensors")
+    _touch(tmp_path / "both" / "both-q4.gguf")
     found = {f.name: (f.path.name, f.mmproj.name if f.mmproj else None, f.backend)
              for f in discover(tmp_path)}
     assert found == {
@@ -130,6 +133,7 @@ def test_discovery_like_llama_server(tmp_path: Path) -> None:
         "vision": ("model-q4.gguf", "mmproj-f16.gguf", "llama_cpp"),
         "big": ("big-00001-of-00003.gguf", None, "llama_cpp"),
         "qwen-mlx": ("qwen-mlx", None, "mlx"),
+        "both": ("both-q4.gguf", None, "llama_cpp"),
     }
     assert discover(tmp_path / "missing") == []
 
@@ -138,13 +142,17 @@ def test_the_backend_follows_the_source_unless_set(tmp_path: Path) -> None:
     _touch(tmp_path / "folder" / "config.json")
     _touch(tmp_path / "folder" / "model-00001-of-00002.safetensors")
     cfg = tmp_path / "c.toml"
-    cfg.write_text('[models.g]\nsource = "g.gguf"\n[models.m]\nsource = "folder"\n'
+    cfg.write_text('[models.g]\nsource = "G.GGUF"\n[models.m]\nsource = "folder"\n'
                    '[models.forced]\nsource = "folder"\nbackend = "llama_cpp"\n'
-                   '[models.auto]\nsource = "folder"\nbackend = "auto"\n')
+                   '[models.auto]\nsource = "folder"\nbackend = "auto"\n'
+                   # Not there yet (an unmounted disk): the daemon starts, its load will fail.
+                   '[models.later]\nsource = "Qwen2.5-0.5B-Instruct-4bit"\n')
     catalog = build_catalog(build_settings(cfg, {"models_dirs": [str(tmp_path / "none")]}))
     backends = {e.name: (e.backend, e.worker.backend) for e in catalog}
     assert backends == {"g": ("llama_cpp", "llama_cpp"), "m": ("mlx", "mlx"),
-                        "forced": ("llama_cpp", "llama_cpp"), "auto": ("mlx", "mlx")}
+                        "forced": ("llama_cpp", "llama_cpp"), "auto": ("mlx", "mlx"),
+                        "later": ("mlx", "mlx")}
+    _touch(tmp_path / "weights.bin")
     cfg.write_text('[models.x]\nsource = "weights.bin"\n')
     with pytest.raises(ConfigError, match=r"models\.x\.backend: cannot tell .* set backend"):
         build_catalog(build_settings(cfg, {"models_dirs": [str(tmp_path / "none")]}))
@@ -163,9 +171,16 @@ def test_defaults_options_reach_only_the_backends_that_have_them(tmp_path: Path)
     cfg.write_text(f'[models.m]\nsource = "{tmp_path}/models/m"\noptions = {{ n_batch = 64 }}\n')
     with pytest.raises(ConfigError, match=r"models\.m\.options: unknown mlx option\(s\) n_batch"):
         build_catalog(build_settings(cfg, {"models_dirs": [str(tmp_path / "none")]}))
-    cfg.write_text(f'[models.m]\nsource = "{tmp_path}/models/m"\nchat_format = "chatml"\n')
-    with pytest.raises(ConfigError, match=r"models\.m\.chat_format"):
-        build_catalog(build_settings(cfg, {"models_dirs": [str(tmp_path / "none")]}))
+    for key, value in (("chat_format", '"chatml"'), ("mmproj", '"p.gguf"'), ("n_gpu_layers", "-1")):
+        cfg.write_text(f'[models.m]\nsource = "{tmp_path}/models/m"\n{key} = {value}\n')
+        with pytest.raises(ConfigError, match=rf"models\.m\.{key}: a llama_cpp setting"):
+            build_catalog(build_settings(cfg, {"models_dirs": [str(tmp_path / "none")]}))
+    # In [defaults] they are for the GGUF models, and an MLX model takes none of them.
+    cfg.write_text('[defaults]\nn_gpu_layers = -1\nchat_format = "chatml"\n')
+    settings = build_settings(cfg, {"models_dirs": [str(tmp_path / "models")]})
+    entries = {e.name: e.worker for e in build_catalog(settings)}
+    assert (entries["g"].n_gpu_layers, entries["g"].chat_format) == (-1, "chatml")
+    assert (entries["m"].n_gpu_layers, entries["m"].chat_format) == (0, None)
 
 
 def test_catalog_config_overrides_discovered_and_resolves_aliases(tmp_path: Path) -> None:

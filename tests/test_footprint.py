@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import struct
 from pathlib import Path
@@ -57,11 +58,36 @@ def test_an_mlx_folder_counts_its_safetensors_and_a_kv_cache_per_prompt_cache(mo
     folder = models_dir / "tiny-mlx"
     est = estimate(WorkerConfig("m", str(folder), backend="mlx", n_ctx=1024))
     kv_f32 = SHAPE.n_layer * 1024 * SHAPE.n_head_kv * HEAD_DIM * 2 * 4  # the tiny folder is float32
+    # Four kept prompt caches, and the one a running request uses.
     assert (est.weights, est.kv_cache, est.overhead) == (
-        (folder / "model.safetensors").stat().st_size, 4 * kv_f32, WORKER_OVERHEAD["mlx"])
+        (folder / "model.safetensors").stat().st_size, 5 * kv_f32, WORKER_OVERHEAD["mlx"])
     fewer = estimate(WorkerConfig("m", str(folder), backend="mlx", n_ctx=1024,
                                   options={"prompt_cache_slots": 1}))
-    assert fewer.kv_cache == kv_f32
+    assert fewer.kv_cache == 2 * kv_f32
+
+
+@pytest.mark.parametrize(("text", "nested", "per_token"), [
+    # per token: layers x KV heads x head size x (K and V) x element size
+    ({"num_hidden_layers": 4, "num_attention_heads": 8, "hidden_size": 256}, False, 4 * 8 * 32 * 2 * 2),
+    ({"num_hidden_layers": 4, "num_attention_heads": 8, "hidden_size": 256, "num_key_value_heads": 2,
+      "head_dim": 64, "dtype": "float32"}, False, 4 * 2 * 64 * 2 * 4),
+    # A multimodal config nests the language model's.
+    ({"num_hidden_layers": 3, "num_attention_heads": 4, "hidden_size": 64, "torch_dtype": "bfloat16"},
+     True, 3 * 4 * 16 * 2 * 2),
+])
+def test_the_mlx_estimate_reads_what_config_json_says(tmp_path: Path, text: dict[str, object], nested: bool,
+                                                      per_token: int) -> None:
+    def estimate_with(n_ctx: int, **more: object) -> int:
+        fields = {**text, **more}
+        (tmp_path / "config.json").write_text(json.dumps({"text_config": fields} if nested else fields))
+        one_slot = {"prompt_cache_slots": 1}  # and the running request's: two caches
+        config = WorkerConfig("m", str(tmp_path), backend="mlx", n_ctx=n_ctx, options=one_slot)
+        return estimate(config).kv_cache
+
+    assert estimate_with(100) == 2 * 100 * per_token
+    # n_ctx 0: the trained context, capped as the worker caps it.
+    assert estimate_with(0, max_position_embeddings=1000) == 2 * 1000 * per_token
+    assert estimate_with(0, max_position_embeddings=100_000) == 2 * 4096 * per_token
 
 
 def test_a_file_that_is_not_gguf_still_gets_an_estimate(tmp_path: Path) -> None:

@@ -78,3 +78,22 @@ def test_grammar_constrains_output(progress_and_backend: tuple[list[float], Llam
     assert "".join(p for p in out if isinstance(p, str)) in ("yes", "no")
     with pytest.raises(RequestInvalid, match="grammar"):
         backend.complete("x", GenParams(grammar="root ::= ("), threading.Event())
+
+
+def test_cached_tokens_count_what_llama_cpp_reuses(
+        progress_and_backend: tuple[list[float], LlamaBackend]) -> None:
+    _, backend = progress_and_backend
+    params = GenParams(max_tokens=3, logit_bias=NO_EOS)
+    never = threading.Event()
+    list(backend.complete("the sky is blue today", params, never))
+    again = list(backend.complete("the sky is blue today", params, never))[-1]
+    # The prompt's KV cache is there; its last token is read again for fresh logits.
+    assert isinstance(again, Finish) and again.cached_tokens == again.prompt_tokens - 1
+    other = list(backend.complete("zzz", params, never))[-1]
+    assert isinstance(other, Finish) and other.cached_tokens == 0
+
+
+def test_an_empty_prompt_is_refused(progress_and_backend: tuple[list[float], LlamaBackend]) -> None:
+    _, backend = progress_and_backend
+    with pytest.raises(RequestInvalid, match="empty"):
+        backend.complete("", GenParams(max_tokens=3), threading.Event())

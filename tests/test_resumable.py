@@ -294,6 +294,10 @@ def test_get_while_the_owner_loads_is_503_and_delete_cancels_the_waiting_post(st
         early = replay(c, "early")
         assert early.status_code == 503 and early.headers["retry-after"] == "2"
         assert early.json()["error"]["message"] == "Stream owner model is loading, retry later"
+        # /models shows the load under way: its stage and how far it got.
+        streams.wait_until(lambda: streams.models()["slowload"]["status"].get("stage") == "load",  # type: ignore[union-attr]
+                           "the load stage shows in /models")
+        assert 0 <= streams.models()["slowload"]["status"]["progress"] < 1  # type: ignore[index]
         [state] = lookup(c, "early")
         assert state["is_done"] is False and state["total_bytes"] == 0 and state["completed_at"] == 0
         assert c.delete("/v1/stream", params={"conv_id": "early"}).status_code == 204

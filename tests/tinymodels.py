@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,11 +204,13 @@ def write_tiny_mlx(folder: Path, seed: int = 0, shape: TinyShape | None = None,
         "model_max_length": shape.n_ctx_train,
     }
     tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "mlx"})
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     (tmp / "tokenizer.json").write_text(tok.to_str())
     (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)  # a rename does not replace a non-empty folder
     os.replace(tmp, folder)
     return folder
 

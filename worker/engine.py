@@ -39,6 +39,9 @@ log = logging.getLogger("modelherd.worker.engine")
 SSE = "text/event-stream"
 FLUSH_INTERVAL_S = 0.001
 JSON = "application/json"
+# OpenAI's seed is any integer; both backends take 32 bits, and llama.cpp reads 0xFFFFFFFF
+# as "pick a random seed", so seeds are taken modulo 2**32 - 1.
+SEED_RANGE = 2**32 - 1
 
 
 class Sink:
@@ -330,7 +333,7 @@ class Engine:
             top_p=defaults.top_p if req.top_p is None else req.top_p,
             top_k=defaults.top_k if req.top_k is None else req.top_k,
             min_p=defaults.min_p if req.min_p is None else req.min_p,
-            seed=req.seed,
+            seed=None if req.seed is None else req.seed % SEED_RANGE,
             stop=stop,
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,

@@ -110,6 +110,8 @@ class LlamaBackend:
     def _generate(self, prompt: list[int], params: GenParams, stops: list[str],
                   cancel: threading.Event, field: str) -> Generation:
         n_ctx = self._require().n_ctx()
+        if not prompt:  # llama.cpp asserts on an empty batch
+            raise RequestInvalid("the prompt is empty", param=field)
         if len(prompt) >= n_ctx:
             raise RequestInvalid(
                 f"the prompt is {len(prompt)} tokens, more than fits the model's context of {n_ctx}",

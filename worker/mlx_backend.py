@@ -35,8 +35,11 @@ from worker.stops import split_at_stop
 
 _OPTION_KEYS = BACKEND_OPTIONS["mlx"]
 DEFAULT_CACHE_SLOTS = 4
+PENALTY_WINDOW = 64
 # Weights are materialised in groups of about this many bytes, one progress report each.
 _PROGRESS_STEP = 32 * 1024 * 1024
+# Each load stage's part of the overall progress.
+_STAGES = {"config": (0.0, 0.05), "weights": (0.05, 0.95), "tokenizer": (0.95, 1.0)}
 
 
 class _Cancelled(Exception):
@@ -50,7 +53,7 @@ class MlxBackend:
         self._stream: Any = None
         self._n_ctx = 0
         self._caches: _PromptCaches | None = None
-        self._step_kwargs: dict[str, Any] = {}
+        self._prefill_step = 2048
 
     # ---- loading -----------------------------------------------------------
 
@@ -68,19 +71,17 @@ class MlxBackend:
         device, device_name, fallback = _pick_device(str(opts.get("device", "gpu")))
         mx.set_default_device(device)
         self._stream = mx.new_thread_local_stream(device)
-        self._step_kwargs = {"prefill_step_size": int(opts.get("prefill_step_size", 2048))}
-        if "kv_bits" in opts:
-            self._step_kwargs["kv_bits"] = int(opts["kv_bits"])
-            self._step_kwargs["kv_group_size"] = int(opts.get("kv_group_size", 64))
+        self._prefill_step = int(opts.get("prefill_step_size", 2048))
+        report = _StageReporter(progress)
 
-        progress("config", 0.0)
+        report("config", 0.0)
         # Unsupported architectures fail here with mlx-lm's own message.
         model, model_config = load_model(folder, lazy=True)
-        progress("config", 1.0)
-        _materialise(model, lambda v: progress("weights", v))
-        progress("tokenizer", 0.0)
+        report("config", 1.0)
+        _materialise(model, lambda v: report("weights", v))
+        report("tokenizer", 0.0)
         tok = load_tokenizer(folder, eos_token_ids=model_config.get("eos_token_id"))  # type: ignore[no-untyped-call]
-        progress("tokenizer", 1.0)
+        report("tokenizer", 1.0)
         self._model, self._tok = model, tok
         self._caches = _PromptCaches(model, int(opts.get("prompt_cache_slots", DEFAULT_CACHE_SLOTS)))
 
@@ -150,25 +151,32 @@ class MlxBackend:
         limit = min(params.max_tokens, budget) if params.max_tokens else budget
         # Always reseed: a seed one client chose must not make the next client's sampling repeat.
         mx.random.seed(params.seed if params.seed is not None else random.getrandbits(32))
-        sampler = make_sampler(params.temperature, top_p=params.top_p, min_p=params.min_p,
-                               top_k=params.top_k)
+        sampler = _sampler(params)
         processors = make_logits_processors(
             params.logit_bias or None,
             repetition_penalty=params.repeat_penalty if params.repeat_penalty != 1.0 else None,
             presence_penalty=params.presence_penalty or None,
-            frequency_penalty=params.frequency_penalty or None)
+            frequency_penalty=params.frequency_penalty or None,
+            # The window llama.cpp's penalties look at (llama-cpp-python's last_n_tokens_size).
+            repetition_context_size=PENALTY_WINDOW, presence_context_size=PENALTY_WINDOW,
+            frequency_context_size=PENALTY_WINDOW)
+        caches = self._caches
+        assert caches is not None  # set with the tokenizer _require checked
+        with mx.stream(self._stream):
+            cache, cached = caches.take(prompt)
+        fed = [cached]  # what the cache holds while the prompt is read
 
-        def check_cancel(_done: int, _total: int) -> None:
+        def on_prefill(done: int, total: int) -> None:
+            # Called before the first chunk, after each, and last after the first token
+            # was sampled and fed back (so done == total means one more than the prompt).
+            fed[0] = cached + done + (1 if done == total else 0)
             if cancel.is_set():  # a long prompt stops between prefill chunks too
                 raise _Cancelled
 
-        caches = self._caches
-        assert caches is not None  # set with the tokenizer _require checked
-        cache, cached = caches.take(prompt)
-        seen = list(prompt)  # every token the cache has been or may have been fed
+        seen = list(prompt)  # the prompt, then every token received
         steps = generate_step(mx.array(prompt[cached:]), self._model, self._stream, max_tokens=-1,
                               sampler=sampler, logits_processors=processors, prompt_cache=cache,
-                              prompt_progress_callback=check_cancel, **self._step_kwargs)
+                              prompt_progress_callback=on_prefill, prefill_step_size=self._prefill_step)
         eos = tok.eos_token_ids
         detok = tok.detokenizer
         stops = params.stop
@@ -201,7 +209,10 @@ class MlxBackend:
             steps.close()
             # A cache left by an exception inside the model may hold half a step: drop it.
             if intact:
-                caches.put(seen, cache)
+                # Once a token arrived, every token received has been fed to the cache.
+                held = len(seen) if len(seen) > len(prompt) else fed[0]
+                with mx.stream(self._stream):
+                    caches.put(seen, held, cache)
         if not hit and not cancel.is_set():
             detok.finalize()
             tail = pending + detok.last_segment
@@ -223,7 +234,10 @@ class MlxBackend:
 
 
 class _PromptCaches:
-    """KV caches of recent requests, most recent first, each with the tokens it holds."""
+    """KV caches of recent requests, most recent first, each with the tokens it holds.
+
+    A cache that cannot be trimmed (a recurrent layer's state, a full sliding window) is
+    only ever continued, never cut back to a shorter prefix."""
 
     def __init__(self, model: Any, slots: int) -> None:
         self._model = model
@@ -255,9 +269,15 @@ class _PromptCaches:
         trim_prompt_cache(cache, len(tokens) - keep)
         return cache, keep
 
-    def put(self, seen: list[int], cache: list[Any]) -> None:
-        held = cache[0].offset if cache else 0
-        self._entries.insert(0, (seen[:held], cache))
+    def put(self, tokens: list[int], held: int, cache: list[Any]) -> None:
+        """Keep `cache`, which holds `held` tokens: the first of `tokens`, and when `held`
+        is larger, ones never seen (sampled, fed back, then the request stopped)."""
+        if held > len(tokens):
+            if not can_trim_prompt_cache(cache):
+                return
+            trim_prompt_cache(cache, held - len(tokens))
+            held = len(tokens)
+        self._entries.insert(0, (tokens[:held], cache))
         del self._entries[self._slots:]
 
 
@@ -284,7 +304,20 @@ def _pick_device(want: str) -> tuple[Any, str, str | None]:
                            "running on the CPU")
 
 
-def _materialise(model: Any, report: Callable[[float], bool]) -> None:
+class _StageReporter:
+    """Reports each stage's share of the load as overall progress, so `progress` only ever
+    goes up (as llama-server's clients read it), and stops the load when told to."""
+
+    def __init__(self, progress: ProgressFn) -> None:
+        self._progress = progress
+
+    def __call__(self, stage: str, value: float) -> None:
+        start, end = _STAGES[stage]
+        if self._progress(stage, start + (end - start) * value) is False:
+            raise RuntimeError("load aborted")
+
+
+def _materialise(model: Any, report: Callable[[float], None]) -> None:
     """Read the (lazily loaded) weights in groups, reporting the share of bytes done."""
     arrays: list[Any] = [item[1] for item in tree_flatten(model.parameters())]
     total = sum(a.nbytes for a in arrays) or 1
@@ -292,8 +325,8 @@ def _materialise(model: Any, report: Callable[[float], bool]) -> None:
     group: list[Any] = []
     group_bytes = 0
     for a in arrays:
-        if not group_bytes and report(done / total) is False:
-            raise RuntimeError("load aborted")
+        if not group_bytes:
+            report(done / total)
         group.append(a)
         group_bytes += a.nbytes
         if group_bytes >= _PROGRESS_STEP:
@@ -301,5 +334,10 @@ def _materialise(model: Any, report: Callable[[float], bool]) -> None:
             done += group_bytes
             group, group_bytes = [], 0
     mx.eval(group)
-    if report(1.0) is False:
-        raise RuntimeError("load aborted")
+    report(1.0)
+
+
+def _sampler(params: GenParams) -> Any:
+    # top_p 0 keeps only the most likely token, as in llama.cpp; mlx-lm would skip top-p.
+    top_k = 1 if params.top_p <= 0 else params.top_k
+    return make_sampler(params.temperature, top_p=params.top_p, min_p=params.min_p, top_k=top_k)
