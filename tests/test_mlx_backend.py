@@ -74,16 +74,22 @@ def test_cancel_stops_generation_between_tokens(loaded: tuple[list[tuple[str, fl
     assert 3 <= finish.completion_tokens < 10
 
 
-class CancelAfter(threading.Event):
-    """Set from the n+1-th look on: a client leaving at an exact point of the prefill."""
+class Turns(threading.Event):
+    """Unset for its first n looks, then set (a client leaving at an exact point) or, with
+    `fail`, raising (an error inside generation at an exact point)."""
 
-    def __init__(self, looks: int) -> None:
+    def __init__(self, looks: int, fail: bool = False) -> None:
         super().__init__()
         self.looks = looks
+        self.fail = fail
 
     def is_set(self) -> bool:
         self.looks -= 1
-        return self.looks < 0
+        if self.looks >= 0:
+            return False
+        if self.fail:
+            raise RuntimeError("injected failure")
+        return True
 
 
 def test_a_cancel_during_a_long_prompt_stops_between_prefill_chunks(models_dir: Path) -> None:
@@ -91,7 +97,7 @@ def test_a_cancel_during_a_long_prompt_stops_between_prefill_chunks(models_dir: 
     backend.load(WorkerConfig(name="t", path=str(models_dir / "tiny-mlx"), backend="mlx", n_ctx=512,
                               options={"prefill_step_size": 16}), lambda stage, v: True)
     # Looked at before the first chunk and after each: gone after the third of 25 chunks.
-    out = list(backend.complete("word " * 200, GenParams(max_tokens=5, logit_bias=NO_EOS), CancelAfter(3)))
+    out = list(backend.complete("word " * 200, GenParams(max_tokens=5, logit_bias=NO_EOS), Turns(3)))
     assert len(out) == 1 and isinstance(out[0], Finish) and out[0].completion_tokens == 0
     # The cache it left holds the three chunks read, and the next request starts from them.
     _, finish = text_and_finish(list(backend.complete("word " * 200, GenParams(max_tokens=2), NEVER)))
@@ -178,24 +184,10 @@ def test_caches_of_several_conversations_are_kept(models_dir: Path) -> None:
     one.close()
 
 
-class FailAfter(threading.Event):
-    """Fails at the n+1-th look: an error inside generation, at an exact point."""
-
-    def __init__(self, looks: int) -> None:
-        super().__init__()
-        self.looks = looks
-
-    def is_set(self) -> bool:
-        self.looks -= 1
-        if self.looks < 0:
-            raise RuntimeError("injected failure")
-        return False
-
-
 def test_a_cache_a_failure_left_behind_is_not_reused(models_dir: Path) -> None:
     backend = fresh(models_dir)
     with pytest.raises(RuntimeError, match="injected"):
-        list(backend.complete("a prompt that fails half way", GREEDY, FailAfter(4)))
+        list(backend.complete("a prompt that fails half way", GREEDY, Turns(4, fail=True)))
     _, finish = text_and_finish(list(backend.complete("a prompt that fails half way", GREEDY, NEVER)))
     assert finish.cached_tokens == 0
     backend.close()
@@ -209,7 +201,7 @@ def test_a_cancel_right_after_the_prompt_leaves_a_cache_of_the_prompt_alone(mode
     # Looked at before the prompt is read, after it (but its last token) was read, then once
     # the first token was sampled and fed back: the cache then holds a token the client
     # never saw, which must not be kept.
-    out = list(backend.complete("the sky is blue", GREEDY, CancelAfter(2)))
+    out = list(backend.complete("the sky is blue", GREEDY, Turns(2)))
     assert len(out) == 1 and isinstance(out[0], Finish) and out[0].completion_tokens == 0
     text, finish = text_and_finish(list(backend.complete("the sky is blue", GREEDY, NEVER)))
     assert finish.cached_tokens == finish.prompt_tokens - 1

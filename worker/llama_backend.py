@@ -34,7 +34,7 @@ from protocol.errors import ErrorKind
 from protocol.messages import AUTO_N_CTX_CAP, BACKEND_OPTIONS, ModelInfo, WorkerConfig
 from worker.backend import Embeddings, Finish, Generation, GenParams, ProgressFn
 from worker.schema import RequestInvalid
-from worker.stops import split_at_stop
+from worker.stops import generate_text
 
 _OPTION_KEYS = BACKEND_OPTIONS["llama_cpp"]
 
@@ -131,10 +131,6 @@ class LlamaBackend:
         vocab = llm._model.vocab
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         buf = ctypes.create_string_buffer(256)
-        pending = ""
-        count = 0
-        reason = "length"
-        hit = False
         tokens = llm.generate(
             prompt, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
             temp=params.temperature, repeat_penalty=params.repeat_penalty,
@@ -142,28 +138,12 @@ class LlamaBackend:
             logits_processor=processors, grammar=grammar,
         )
         try:
-            for token in tokens:
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    reason = "stop"
-                    break
-                count += 1
-                piece = decoder.decode(_piece(vocab, token, buf))
-                text, pending, hit = split_at_stop(pending + piece, stops)
-                if text:
-                    yield text
-                if hit:
-                    reason = "stop"
-                    break
-                # Checked after every token: a cancel stops generation before the next one.
-                if count >= limit or cancel.is_set():
-                    break
+            reason, count = yield from generate_text(
+                tokens, lambda t: bool(llama_cpp.llama_vocab_is_eog(vocab, t)),
+                lambda t: decoder.decode(_piece(vocab, t, buf)), lambda: decoder.decode(b"", final=True),
+                stops, limit, cancel)
         finally:
             tokens.close()
-        # After a stop string nothing more goes out, not even bytes the decoder still holds.
-        if not hit and not cancel.is_set():
-            tail = pending + decoder.decode(b"", final=True)
-            if tail:
-                yield tail
         yield Finish(reason, len(prompt), count, cached)
 
     def embed(self, inputs: list[str]) -> Embeddings:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from protocol.errors import ErrorKind
 from protocol.messages import AUTO_N_CTX_CAP, BACKEND_OPTIONS, ModelInfo, WorkerConfig
 from worker.backend import Embeddings, Finish, Generation, GenParams, ProgressFn
 from worker.schema import RequestInvalid
-from worker.stops import split_at_stop
+from worker.stops import generate_text
 
 _OPTION_KEYS = BACKEND_OPTIONS["mlx"]
 DEFAULT_CACHE_SLOTS = 4
@@ -179,31 +179,27 @@ class MlxBackend:
                               prompt_progress_callback=on_prefill, prefill_step_size=self._prefill_step)
         eos = tok.eos_token_ids
         detok = tok.detokenizer
-        stops = params.stop
-        pending = ""
-        count = 0
-        reason = "length"
-        hit = False
+
+        def received() -> Iterator[int]:
+            for step, _logprobs in steps:
+                seen.append(int(step))  # generate_step yields plain ints, annotated as arrays
+                yield seen[-1]
+
+        def piece(token: int) -> str:
+            detok.add_token(token)
+            return str(detok.last_segment)
+
+        def flush() -> str:
+            detok.finalize()
+            return str(detok.last_segment)
+
         intact = False
         try:
-            for step, _logprobs in steps:
-                token = int(step)  # generate_step yields plain ints, annotated as arrays
-                seen.append(token)
-                if token in eos:
-                    reason = "stop"
-                    break
-                count += 1
-                detok.add_token(token)
-                text, pending, hit = split_at_stop(pending + detok.last_segment, stops)
-                if text:
-                    yield text
-                if hit:
-                    reason = "stop"
-                    break
-                if count >= limit or cancel.is_set():
-                    break
+            reason, count = yield from generate_text(received(), eos.__contains__, piece, flush,
+                                                     params.stop, limit, cancel)
             intact = True
         except _Cancelled:
+            reason, count = "length", 0
             intact = True
         finally:
             steps.close()
@@ -213,11 +209,6 @@ class MlxBackend:
                 held = len(seen) if len(seen) > len(prompt) else fed[0]
                 with mx.stream(self._stream):
                     caches.put(seen, held, cache)
-        if not hit and not cancel.is_set():
-            detok.finalize()
-            tail = pending + detok.last_segment
-            if tail:
-                yield tail
         yield Finish(reason, len(prompt), count, cached)
 
     def embed(self, inputs: list[str]) -> Embeddings:
