@@ -20,7 +20,6 @@ settings.load_profile("modelherd")
 BACKENDS = pytest.mark.parametrize("model", ["tiny-a", "tiny-mlx"])
 
 
-
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("models")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 from protocol.errors import ErrorKind
 from protocol.messages import WorkerConfig
-from worker.backend import Finish, GenParams
+from worker.backend import BackendMissing, Finish, GenParams, make_backend
 from worker.mlx_backend import MlxBackend
 from worker.schema import RequestInvalid
 
@@ -34,6 +35,13 @@ def loaded(models_dir: Path) -> Iterator[tuple[list[tuple[str, float]], MlxBacke
     assert (info.device == "cpu") == (info.fallback is not None)
     yield seen, backend
     backend.close()
+
+
+def fresh(models_dir: Path, **options: int) -> MlxBackend:
+    backend = MlxBackend()
+    backend.load(WorkerConfig(name="t", path=str(models_dir / "tiny-mlx"), backend="mlx", n_ctx=512,
+                              options=dict(options)), lambda stage, v: True)
+    return backend
 
 
 def text_and_finish(items: list[str | Finish]) -> tuple[str, Finish]:
@@ -93,9 +101,7 @@ class Turns(threading.Event):
 
 
 def test_a_cancel_during_a_long_prompt_stops_between_prefill_chunks(models_dir: Path) -> None:
-    backend = MlxBackend()
-    backend.load(WorkerConfig(name="t", path=str(models_dir / "tiny-mlx"), backend="mlx", n_ctx=512,
-                              options={"prefill_step_size": 16}), lambda stage, v: True)
+    backend = fresh(models_dir, prefill_step_size=16)
     # Looked at before the first chunk and after each: gone after the third of 25 chunks.
     out = list(backend.complete("word " * 200, GenParams(max_tokens=5, logit_bias=NO_EOS), Turns(3)))
     assert len(out) == 1 and isinstance(out[0], Finish) and out[0].completion_tokens == 0
@@ -145,13 +151,6 @@ def test_the_prompt_cache_is_reused_across_turns(loaded: tuple[list[tuple[str, f
     again_reply, again = text_and_finish(list(backend.chat(turn1, params, NEVER)))
     assert again.cached_tokens == again.prompt_tokens - 1
     assert again_reply == reply
-
-
-def fresh(models_dir: Path, **options: int) -> MlxBackend:
-    backend = MlxBackend()
-    backend.load(WorkerConfig(name="t", path=str(models_dir / "tiny-mlx"), backend="mlx", n_ctx=512,
-                              options=dict(options)), lambda stage, v: True)
-    return backend
 
 
 def shared_prefix(a: list[int], b: list[int]) -> int:
@@ -300,9 +299,6 @@ def test_a_model_with_recurrent_layers_continues_its_cache_but_never_cuts_it(
 
 def test_only_the_backend_library_missing_is_reported_as_an_install_problem(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    import sys
-
-    from worker.backend import BackendMissing, make_backend
 
     # Import worker.mlx_backend afresh with one module made unimportable (None in sys.modules).
     real = sys.modules["mlx_lm.generate"]

@@ -145,9 +145,8 @@ def write_tiny_gguf(path: Path, seed: int = 0, shape: TinyShape | None = None) -
     return path
 
 
-def write_tiny_mlx(folder: Path, seed: int = 0, shape: TinyShape | None = None,
-                   model_type: str = "llama") -> Path:
-    """Write a loadable mlx-lm model folder (atomically: built beside it, then renamed)."""
+def write_tiny_mlx(folder: Path, seed: int = 0, shape: TinyShape | None = None) -> Path:
+    """Write a loadable mlx-lm model folder (built beside it, then renamed into place)."""
     from safetensors.numpy import save_file
 
     shape = shape or TinyShape()
@@ -178,7 +177,7 @@ def write_tiny_mlx(folder: Path, seed: int = 0, shape: TinyShape | None = None,
     weights["lm_head.weight"] = w(n_vocab, shape.n_embd)
     eos = tok.token_to_id("<|im_end|>")
     config = {
-        "model_type": model_type,
+        "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
         "hidden_size": shape.n_embd,
         "num_hidden_layers": shape.n_layer,
