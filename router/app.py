@@ -22,6 +22,7 @@ from router.config import Settings
 from router.convs import Tracker
 from router.errors import HTTPError, error_response
 from router.pool import Pool
+from router.progress import ModelEvents
 from router.proxy import OpenAIRoute
 from router.streams_api import Streams
 
@@ -30,7 +31,7 @@ log = logging.getLogger("modelherd.app")
 _STATUS_KIND = {401: ErrorKind.AUTHENTICATION, 404: ErrorKind.NOT_FOUND, 413: ErrorKind.TOO_LARGE}
 
 
-def build_app(settings: Settings, pool: Pool, bridge: Bridge) -> Starlette:
+def build_app(settings: Settings, pool: Pool, bridge: Bridge, events: ModelEvents) -> Starlette:
     server = settings.server
 
     @contextlib.asynccontextmanager
@@ -56,6 +57,7 @@ def build_app(settings: Settings, pool: Pool, bridge: Bridge) -> Starlette:
         Route("/v1/completions", proxied(Endpoint.COMPLETION), methods=["POST"]),
         Route("/v1/embeddings", proxied(Endpoint.EMBEDDING), methods=["POST"]),
         *models_api.routes(pool),
+        Route("/models/sse", models_api.event_feed(events, server.sse_keepalive), methods=["GET"]),
         *streams.routes(),
     ]
 

@@ -58,6 +58,8 @@ class ServerSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     stream_retention: Annotated[float, Meta(ge=0)] = 300.0
     max_conversations: Annotated[int, Meta(ge=1)] = 100_000
     stream_fanout_timeout: Annotated[float, Meta(gt=0)] = 0.25
+    # Seconds between the comment lines that keep an idle GET /models/sse connection open.
+    sse_keepalive: Annotated[float, Meta(gt=0)] = 15.0
 
 
 class BackendOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -9,17 +9,20 @@ backend (llama_cpp | mlx) and, once loaded, its device (cpu | cuda | metal).
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from protocol.errors import ErrorKind, param_of
 from router.errors import HTTPError, error_response
 from router.pool import Pool
+from router.progress import RESYNC, ModelEvents
 from router.proxy import ClientGone, read_body
+from router.relay import SSE_HEADERS
 from router.slots import ModelStatus, PoolError, Slot
 
 MAX_MANAGEMENT_BODY = 64 * 1024
@@ -143,3 +146,28 @@ def routes(pool: Pool) -> list[Route]:
         Route("/models/load", load, methods=["POST"]),
         Route("/models/unload", unload, methods=["POST"]),
     ]
+
+
+def event_feed(events: ModelEvents, keepalive: float) -> Callable[[Request], Awaitable[Response]]:
+    """GET /models/sse: a snapshot of every model, then their status and progress events."""
+
+    async def feed(request: Request) -> Response:
+        sub = events.subscribe()
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                yield events.snapshot()
+                while not sub.closed:
+                    got = await sub.take(keepalive)
+                    if got is RESYNC:  # it fell behind: what it missed, as one fresh snapshot
+                        yield events.snapshot()
+                    elif isinstance(got, list):
+                        yield b"".join(got)
+                    elif not sub.closed:
+                        yield b": keepalive\n\n"
+            finally:
+                events.unsubscribe(sub)
+
+        return StreamingResponse(body(), headers={k.decode(): v.decode() for k, v in SSE_HEADERS})
+
+    return feed

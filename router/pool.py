@@ -403,8 +403,8 @@ class Pool:
         return worker
 
     def _fail(self, slot: Slot, failure: Failure, load: bool) -> None:
+        slot.failure = failure  # first: the status change is reported with it
         slot.status = ModelStatus.FAILED
-        slot.failure = failure
         if load:  # a model that cannot load backs off instead of respawning per request
             slot.failures += 1
             delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (slot.failures - 1))
@@ -413,7 +413,7 @@ class Pool:
                       slot.entry.name, slot.failures, delay, failure.message)
 
     def _on_progress(self, slot: Slot, stage: str, value: float) -> None:
-        slot.stage, slot.progress = stage, value
+        slot.report_progress(stage, value)
 
     def _on_exit(self, slot: Slot, worker: WorkerHandle) -> None:
         self._workers.discard(worker)

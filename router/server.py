@@ -28,6 +28,7 @@ from router.catalog import Catalog, ModelEntry
 from router.config import Settings
 from router.footprint import SystemMemory, estimate
 from router.pool import Pool
+from router.progress import ModelEvents
 from router.slots import PoolSettings, ProgressFn, WorkerHandle
 from router.supervisor import WorkerProcess
 
@@ -57,10 +58,12 @@ class _Server(uvicorn.Server):
     uvicorn would re-raise a caught SIGTERM after shutdown, so the process would die by
     signal; a daemon that drained cleanly exits 0 instead."""
 
-    def __init__(self, config: uvicorn.Config, pool: Pool, bridge: Bridge, drain_timeout: float) -> None:
+    def __init__(self, config: uvicorn.Config, pool: Pool, bridge: Bridge, events: ModelEvents,
+                 drain_timeout: float) -> None:
         super().__init__(config)
         self._pool = pool
         self._bridge = bridge
+        self._events = events
         self._drain_timeout = drain_timeout
         self._signals = 0
         self._drain_deadline: float | None = None
@@ -85,8 +88,14 @@ class _Server(uvicorn.Server):
             self._pool.cut.set()
 
     async def on_tick(self, counter: int) -> bool:
-        if await super().on_tick(counter):
+        if await super().on_tick(counter) or await self._drained():
+            # Feed subscribers never finish on their own: end their streams so uvicorn
+            # does not wait on them.
+            self._events.close()
             return True
+        return False
+
+    async def _drained(self) -> bool:
         if not self._signals:
             return False
         now = time.monotonic()
@@ -169,14 +178,17 @@ async def _serve(settings: Settings, catalog: Catalog) -> int:
             max_models=server.max_models, max_waiting=server.max_waiting,
             memory_margin=server.memory_margin_mb * MIB, load_timeout=server.load_timeout,
             stop_timeout=server.stop_timeout), launch, SystemMemory(), estimate)
-        app = build_app(settings, pool, bridge)
+        events = ModelEvents(pool.slots)
+        for slot in pool.slots():
+            slot.watcher = events.watch
+        app = build_app(settings, pool, bridge, events)
         config = uvicorn.Config(
             app, host=server.host, port=server.port, log_level=server.log_level,
             # The drain already waited for requests in flight; this is for stragglers.
             lifespan="on", timeout_graceful_shutdown=1,
             access_log=server.log_level == "debug", server_header=False,
         )
-        uv = _Server(config, pool, bridge, server.stop_timeout)
+        uv = _Server(config, pool, bridge, events, server.stop_timeout)
         try:
             await uv.serve()
         finally:

@@ -89,7 +89,7 @@ class Failure:
 @dataclass
 class Slot:
     entry: ModelEntry
-    status: ModelStatus = ModelStatus.UNLOADED
+    _status: ModelStatus = ModelStatus.UNLOADED
     worker: WorkerHandle | None = None
     load_task: asyncio.Task[WorkerHandle] | None = None
     progress: float = 0.0  # of the load stage the worker last reported
@@ -107,6 +107,25 @@ class Slot:
     admission_waiters: int = 0
     wait_reason: str | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Told of each status change ("status") and load progress report ("progress"): the
+    # /models/sse feed. Set once, before the pool starts.
+    watcher: Callable[[Slot, str], None] | None = None
+
+    @property
+    def status(self) -> ModelStatus:
+        return self._status
+
+    @status.setter
+    def status(self, value: ModelStatus) -> None:
+        if value is not self._status:
+            self._status = value
+            if self.watcher is not None:
+                self.watcher(self, "status")
+
+    def report_progress(self, stage: str, value: float) -> None:
+        self.stage, self.progress = stage, value
+        if self.watcher is not None:
+            self.watcher(self, "progress")
 
     @property
     def need(self) -> int:

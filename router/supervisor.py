@@ -39,6 +39,7 @@ log = logging.getLogger("modelherd.supervisor")
 
 LOG_TAIL_LINES = 40
 TERM_GRACE_S = 3.0
+LOAD_FAILED_GRACE_S = 2.0
 
 
 class WorkerStartError(Exception):
@@ -112,7 +113,9 @@ class WorkerProcess:
             await self.stop(grace=0)
             raise WorkerStartError(f"worker did not become ready within {load_timeout:.0f} s") from None
         except WorkerStartError:
-            await self.stop(grace=0)
+            # After LoadFailed the worker exits by itself: its own exit code says more
+            # than the SIGTERM's would.
+            await self.stop(grace=LOAD_FAILED_GRACE_S)
             raise
 
     async def _spawn(self, life_r: Connection, life_w: Connection, log_r: Connection,
