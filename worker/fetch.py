@@ -1,0 +1,234 @@
+"""Download one file into the cache: resumable, verified, shared between processes.
+
+The bytes go to `<file>.part`. A later attempt (this process's retry, or a new
+worker after a crash or an unload) asks for the rest with `Range` and `If-Range`
+(the ETag, else Last-Modified, recorded when the download began). If the file
+changed on the server, the server answers 200 with the whole file and we start
+over. Timeouts, resets and 5xx answers are retried with exponential backoff up to
+`attempts` times; a 4xx is final. When the whole file is there its sha256 is
+checked (the configured one, else the hub's linked ETag when it is a sha256),
+then it is renamed into place with a small metadata file beside it.
+
+Two downloaders of the same file (two workers, two daemons) share it: the first
+holds `<file>.lock` (flock) and the second waits for it, then finds the file there.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import http.client
+import json
+import os
+import re
+import shutil
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from protocol.sources import redact
+
+CHUNK = 1024 * 1024
+TIMEOUT_S = 30.0
+ATTEMPTS = 5
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 8.0
+LOCK_POLL_S = 0.2
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+# (downloaded bytes, total bytes or 0 when unknown)
+Progress = Callable[[int, int], None]
+
+
+class DownloadError(Exception):
+    """A download failed for good; the message is fit for clients (URLs redacted)."""
+
+
+class Cancelled(Exception):
+    """The download was cancelled (the model was unloaded); the .part stays."""
+
+
+@dataclass(frozen=True)
+class Fetched:
+    path: Path
+    size: int
+    sha256: str
+    downloaded: bool  # False: it was in the cache already
+
+
+def fetch(url: str, dest: Path, *, sha256: str | None = None, token: str | None = None,
+          progress: Progress, cancel: threading.Event, attempts: int = ATTEMPTS,
+          timeout: float = TIMEOUT_S, backoff_first: float = BACKOFF_FIRST_S) -> Fetched:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(dest, cancel):
+        done = _cached(dest, sha256)
+        if done is not None:
+            progress(done.size, done.size)
+            return done
+        delay = backoff_first
+        for attempt in range(1, attempts + 1):
+            try:
+                return _attempt(url, dest, sha256, token, progress, cancel, timeout)
+            except _Retry as exc:
+                if attempt == attempts:
+                    raise DownloadError(f"downloading {redact(url)} failed after {attempts} attempts: "
+                                        f"{exc}") from None
+                if cancel.wait(delay):  # the backoff, cut short by a cancel
+                    raise Cancelled from None
+                delay = min(delay * 2, BACKOFF_MAX_S)
+    raise AssertionError("unreachable")
+
+
+class _Retry(Exception):
+    """A failure worth another attempt: a timeout, a reset, a 5xx."""
+
+
+def _attempt(url: str, dest: Path, sha256: str | None, token: str | None, progress: Progress,
+             cancel: threading.Event, timeout: float) -> Fetched:
+    part = dest.with_name(dest.name + ".part")
+    state = _read_json(part.with_name(part.name + ".json"))
+    offset = part.stat().st_size if part.exists() else 0
+    validator = str(state.get("etag") or state.get("last_modified") or "")
+    request = urllib.request.Request(url, headers={"User-Agent": "modelherd"})
+    if token:
+        # Not sent on to a redirect's host (the hub redirects to a CDN).
+        request.add_unredirected_header("Authorization", f"Bearer {token}")
+    if offset and validator:
+        request.add_header("Range", f"bytes={offset}-")
+        request.add_header("If-Range", validator)
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        if exc.code == 416:  # the range is past the end: what we hold is not this file
+            _discard(part)
+            raise _Retry("the server refused the resume (416); starting over") from None
+        if exc.code >= 500:
+            raise _Retry(f"HTTP {exc.code}") from None
+        hint = ""
+        if exc.code in (401, 403):
+            hint = " (for a gated or private Hugging Face model, set HF_TOKEN to a token with access)"
+        raise DownloadError(f"downloading {redact(url)} failed: HTTP {exc.code} {exc.reason}{hint}") from None
+    except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
+        raise _Retry(_reason(exc)) from None
+    with response:
+        if response.status == 206:
+            if _range_start(response) != offset:
+                _discard(part)
+                raise _Retry("the server sent another range than asked; starting over")
+            mode = "ab"
+        else:  # 200: a fresh download (no range asked, or the file changed: If-Range failed)
+            offset, mode = 0, "wb"
+        length = int(response.headers.get("Content-Length") or 0)
+        total = offset + length if length else 0
+        if total:
+            _check_space(dest.parent, total - offset, url)
+        validators = {"etag": response.headers.get("ETag"),
+                      "last_modified": response.headers.get("Last-Modified")}
+        _write_json(part.with_name(part.name + ".json"), validators)
+        linked = (response.headers.get("X-Linked-Etag") or "").strip('"')
+        done = offset
+        progress(done, total)
+        try:
+            with open(part, mode) as out:
+                while chunk := response.read1(CHUNK):
+                    out.write(chunk)
+                    done += len(chunk)
+                    progress(done, total)
+                    if cancel.is_set():
+                        raise Cancelled
+        except (TimeoutError, ConnectionError, http.client.HTTPException) as exc:
+            raise _Retry(f"{_reason(exc)} after {done} bytes") from None
+    if total and done != total:
+        raise _Retry(f"the connection ended after {done} of {total} bytes")
+    expected = sha256 or (linked if _SHA256.match(linked) else None)
+    digest = _sha256_of(part)
+    if expected and digest != expected.lower():
+        _discard(part)
+        raise DownloadError(f"{redact(url)}: checksum mismatch, expected sha256 {expected.lower()}, "
+                            f"got {digest}; the download was deleted")
+    os.replace(part, dest)
+    _write_json(_meta_path(dest), {
+        "source": redact(url), "size": done, "sha256": digest, **validators, "completed": time.time()})
+    part.with_name(part.name + ".json").unlink(missing_ok=True)
+    return Fetched(dest, done, digest, True)
+
+
+def _cached(dest: Path, sha256: str | None) -> Fetched | None:
+    meta = _read_json(_meta_path(dest))
+    if not dest.is_file() or not meta:
+        return None
+    size = dest.stat().st_size
+    if meta.get("size") != size or (sha256 and meta.get("sha256") != sha256.lower()):
+        return None  # changed since, or another checksum asked for: download it again
+    return Fetched(dest, size, str(meta.get("sha256")), False)
+
+
+@contextmanager
+def _locked(dest: Path, cancel: threading.Event) -> Iterator[None]:
+    with open(dest.with_name(dest.name + ".lock"), "a") as lock:
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                # Another process downloads it: wait, ready to give up on a cancel.
+                if cancel.wait(LOCK_POLL_S):
+                    raise Cancelled from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _range_start(response: http.client.HTTPResponse) -> int:
+    m = re.match(r"bytes (\d+)-", response.headers.get("Content-Range") or "")
+    return int(m.group(1)) if m else -1
+
+
+def _check_space(folder: Path, need: int, url: str) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise DownloadError(f"not enough disk space for {redact(url)}: it needs {need} more bytes, "
+                            f"{free} are free in {folder}")
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _meta_path(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".meta.json")
+
+
+def _discard(part: Path) -> None:
+    part.unlink(missing_ok=True)
+    part.with_name(part.name + ".json").unlink(missing_ok=True)
+
+
+def _read_json(path: Path) -> dict[str, object]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _write_json(path: Path, value: dict[str, object]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
+
+
+def _reason(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)
+    return f"{type(exc).__name__}: {reason if reason is not None else exc}"
