@@ -21,7 +21,7 @@ import msgspec
 
 from protocol.errors import ErrorKind
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 _TAG = "t"
 
@@ -52,8 +52,18 @@ BACKEND_OPTIONS: dict[str, frozenset[str]] = {
 }
 
 
+class Download(msgspec.Struct, frozen=True):
+    """Where a worker fetches its model from before loading it (protocol.sources)."""
+
+    source: str  # hf://... or https://...
+    cache_dir: str
+    sha256: str | None = None
+    allow_insecure_http: bool = False
+
+
 class WorkerConfig(msgspec.Struct, frozen=True):
-    """What a worker needs to load one model. Built by the router's catalog."""
+    """What a worker needs to load one model. Built by the router's catalog. With
+    `download`, `path` is where the download lands in the cache."""
 
     name: str
     path: str
@@ -64,6 +74,7 @@ class WorkerConfig(msgspec.Struct, frozen=True):
     chat_format: str | None = None
     mmproj: str | None = None
     options: dict[str, OptionValue] = {}
+    download: Download | None = None
 
 
 # What a client still attached to a stream is told when someone else stops it.
@@ -181,6 +192,17 @@ class LoadProgress(msgspec.Struct, tag="load_progress", tag_field=_TAG, frozen=T
     value: float
 
 
+class DownloadProgress(msgspec.Struct, tag="download_progress", tag_field=_TAG, frozen=True):
+    """Progress of the file being downloaded; `finished` on the last one of the model."""
+
+    file: str
+    downloaded: int
+    total: int  # 0 while unknown
+    bytes_per_s: float
+    eta_s: float | None
+    finished: bool = False
+
+
 class Ready(msgspec.Struct, tag="ready", tag_field=_TAG, frozen=True):
     info: ModelInfo
 
@@ -233,6 +255,7 @@ Downstream = (
 Upstream = (
     Hello
     | LoadProgress
+    | DownloadProgress
     | Ready
     | LoadFailed
     | WorkerStatus

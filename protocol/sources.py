@@ -104,6 +104,13 @@ def _check_name(part: str, text: str) -> None:
                           "(plain names only: letters, digits, ._+-)")
 
 
+def check_relative(path: str, where: str) -> str:
+    """A relative path made only of plain names (a file a hub listing named)."""
+    for part in path.split("/"):
+        _check_name(part, where)
+    return path
+
+
 def hf_url(endpoint: str, remote: Remote, file: str) -> str:
     return f"{endpoint.rstrip('/')}/{remote.repo}/resolve/{remote.revision}/{file}"
 
@@ -142,9 +149,9 @@ def redact(text: str) -> str:
         return text
     try:
         url = urlsplit(text)
-    except ValueError:
-        return text.split("?", 1)[0].split("#", 1)[0]
-    host = url.hostname or ""
-    if url.port:
-        host = f"{host}:{url.port}"
-    return f"{url.scheme}://{host}{url.path}"
+        host = url.hostname or ""
+        port = url.port
+    except ValueError:  # a bad port, say: drop everything from the user info on
+        scheme, _, rest = text.partition("://")
+        return f"{scheme}://{rest.split('@')[-1].split('?', 1)[0].split('#', 1)[0]}"
+    return f"{url.scheme}://{host}:{port}{url.path}" if port else f"{url.scheme}://{host}{url.path}"

@@ -14,7 +14,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol.messages import BACKEND_OPTIONS, WorkerConfig
+from protocol.messages import BACKEND_OPTIONS, Download, WorkerConfig
+from protocol.sources import SourceError, cache_path, is_remote, parse
 from router.config import BackendOptions, ConfigError, ModelSection, Settings
 
 _SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
@@ -36,7 +37,7 @@ class ModelEntry:
     path: Path
     backend: str
     aliases: tuple[str, ...]
-    origin: str  # "config" | "models_dir"
+    origin: str  # "config" | "models_dir" | "builtin"
     worker: WorkerConfig
     policy: Policy = Policy()
 
@@ -81,25 +82,32 @@ def build_catalog(settings: Settings) -> Catalog:
         for found in discover(directory):
             entries.setdefault(found.name, _entry(found.name, found.path, found.mmproj, "models_dir", (),
                                                   found.backend, settings.defaults, None, default_policy))
+    for name, section in settings.builtin_models.items():
+        if name not in entries:  # a local model of the same name wins
+            entries[name] = _configured(name, section, settings, "builtin")
     for name, section in settings.models.items():
-        path = Path(section.source).expanduser()
-        if not path.is_absolute():
-            path = settings.config_dir / path
-        mmproj = Path(section.mmproj).expanduser() if section.mmproj else None
-        if mmproj is not None and not mmproj.is_absolute():
-            mmproj = settings.config_dir / mmproj
-        policy = Policy(ttl=server.idle_ttl if section.ttl is None else section.ttl,
-                        pinned=section.pinned, load_on_startup=section.load_on_startup,
-                        max_queue=section.max_queue or server.max_queue)
-        backend = section.backend if section.backend not in (None, "auto") else detect_backend(path)
-        if backend is None:
-            raise ConfigError(f"config key models.{name}.backend: cannot tell which backend serves "
-                              f"{path} (neither a .gguf file nor a folder with config.json and "
-                              "*.safetensors); set backend = \"llama_cpp\" or \"mlx\"")
-        entries[name] = _entry(name, path, mmproj, "config", tuple(section.aliases),
-                               backend, settings.defaults, section, policy)
+        entries[name] = _configured(name, section, settings, "config")
     _check_startup_set(list(entries.values()), server.max_models)
     return Catalog(list(entries.values()))
+
+
+def _configured(name: str, section: ModelSection, settings: Settings, origin: str) -> ModelEntry:
+    server = settings.server
+    download, path = _download(name, section, settings)
+    mmproj = Path(section.mmproj).expanduser() if section.mmproj else None
+    if mmproj is not None and not mmproj.is_absolute():
+        mmproj = settings.config_dir / mmproj
+    policy = Policy(ttl=server.idle_ttl if section.ttl is None else section.ttl,
+                    pinned=section.pinned, load_on_startup=section.load_on_startup,
+                    max_queue=section.max_queue or server.max_queue)
+    backend = section.backend if section.backend not in (None, "auto") else detect_backend(
+        path, remote=download is not None and not parse(download.source, True).is_folder)
+    if backend is None:
+        raise ConfigError(f"config key models.{name}.backend: cannot tell which backend serves "
+                          f"{path} (neither a .gguf file nor a folder with config.json and "
+                          "*.safetensors); set backend = \"llama_cpp\" or \"mlx\"")
+    return _entry(name, path, mmproj, origin, tuple(section.aliases), backend, settings.defaults, section,
+                  policy, download)
 
 
 def _check_startup_set(entries: list[ModelEntry], max_models: int) -> None:
@@ -120,16 +128,40 @@ class Found:
     backend: str
 
 
-def detect_backend(path: Path) -> str | None:
+def detect_backend(path: Path, remote: bool = False) -> str | None:
     """llama_cpp for a .gguf file, mlx for a model folder; None when it is neither.
 
     A source that is not there (yet) is a folder to come unless it is named .gguf: as
-    with a missing GGUF file, its load fails and says so, and the daemon still starts."""
+    with a missing GGUF file, its load fails and says so, and the daemon still starts.
+    A download is a GGUF file only when its name says so."""
     if path.suffix.lower() == ".gguf":
         return "llama_cpp"
-    if _is_mlx_folder(path) or not path.exists():
-        return "mlx"
+    if _is_mlx_folder(path) or (not path.exists() and not remote):
+        return "mlx"  # (a hub repo without a file named is a folder to come)
     return None
+
+
+def _download(name: str, section: ModelSection, settings: Settings) -> tuple[Download | None, Path]:
+    """What to fetch, if the source is remote, and where the model's files are (will be)."""
+    if not is_remote(section.source):
+        if section.sha256 is not None:
+            raise ConfigError(f"config key models.{name}.sha256: only checked on downloads; "
+                              f"{section.source!r} is a local path")
+        path = Path(section.source).expanduser()
+        return None, path if path.is_absolute() else settings.config_dir / path
+    try:
+        remote = parse(section.source, settings.server.allow_insecure_http)
+    except SourceError as exc:
+        raise ConfigError(f"config key models.{name}.source: {exc}") from None
+    if remote.is_folder:  # an MLX folder: many files, no one checksum
+        if section.sha256 is not None:
+            raise ConfigError(f"config key models.{name}.sha256: a whole repo has no one checksum")
+        if section.backend not in (None, "auto", "mlx"):
+            raise ConfigError(f"config key models.{name}.backend: {section.backend!r} cannot serve "
+                              f"a repo folder ({remote.text}); name the .gguf file in it")
+    sha256 = section.sha256.lower() if section.sha256 else None
+    download = Download(section.source, str(settings.cache_dir), sha256, settings.server.allow_insecure_http)
+    return download, Path(cache_path(download.cache_dir, remote))
 
 
 def discover(directory: Path) -> list[Found]:
@@ -172,7 +204,7 @@ def _is_later_shard(path: Path) -> bool:
 
 def _entry(name: str, path: Path, mmproj: Path | None, origin: str, aliases: tuple[str, ...],
            backend: str, defaults: BackendOptions, own: ModelSection | None,
-           policy: Policy) -> ModelEntry:
+           policy: Policy, download: Download | None = None) -> ModelEntry:
     def pick(field: str) -> object:
         value = getattr(own, field, None) if own is not None else None
         return getattr(defaults, field) if value is None else value
@@ -206,5 +238,6 @@ def _entry(name: str, path: Path, mmproj: Path | None, origin: str, aliases: tup
         chat_format=pick("chat_format") if llama else None,  # type: ignore[arg-type]
         mmproj=str(mmproj) if mmproj else None,
         options=options,
+        download=download,
     )
     return ModelEntry(name, path, worker.backend, aliases, origin, worker, policy)

@@ -22,6 +22,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
     serve.add_argument("--models-dir", dest="models_dirs", action="extend", nargs="+", metavar="DIR",
                        help="folder(s) to scan for models; repeatable")
+    serve.add_argument("--cache-dir", metavar="DIR",
+                       help="where downloaded models are kept (default: systemd's CACHE_DIRECTORY, "
+                            "else $XDG_CACHE_HOME/modelherd)")
+    serve.add_argument("--no-builtin-models", dest="builtin_models", action="store_false", default=None,
+                       help="without a config file, offer only the models found in the models dirs")
     serve.add_argument("--no-autoload", dest="autoload", action="store_false", default=None,
                        help="do not load a model on first use; use POST /models/load")
     serve.add_argument("--api-key", dest="api_keys", action="extend", nargs="+", metavar="KEY",

@@ -60,6 +60,11 @@ class ServerSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     stream_fanout_timeout: Annotated[float, Meta(gt=0)] = 0.25
     # Seconds between the comment lines that keep an idle GET /models/sse connection open.
     sse_keepalive: Annotated[float, Meta(gt=0)] = 15.0
+    # Where downloaded models go: --cache-dir, else systemd's CACHE_DIRECTORY, else
+    # $XDG_CACHE_HOME/modelherd.
+    cache_dir: str = ""
+    # Plain http:// sources beyond loopback hosts (nothing checks what arrives but sha256).
+    allow_insecure_http: bool = False
 
 
 class BackendOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -73,7 +78,8 @@ class BackendOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class ModelSection(BackendOptions, forbid_unknown_fields=True, kw_only=True):
-    source: Annotated[str, Meta(min_length=1)]
+    source: Annotated[str, Meta(min_length=1)]  # a local path, hf://... or https://...
+    sha256: Annotated[str, Meta(pattern="^[0-9a-fA-F]{64}$")] | None = None  # of a download
     backend: Backend | None = None
     aliases: list[Annotated[str, Meta(min_length=1)]] = []
     mmproj: str | None = None
@@ -98,6 +104,9 @@ class Settings(msgspec.Struct, kw_only=True):
     models_dirs: list[Path]
     default_models_dir: bool
     config_dir: Path
+    cache_dir: Path
+    # Offered without a config file (router.builtin); empty with one or --no-builtin-models.
+    builtin_models: dict[str, ModelSection] = {}
 
 
 def default_models_dir(env: dict[str, str] | None = None) -> Path:
@@ -108,6 +117,15 @@ def default_models_dir(env: dict[str, str] | None = None) -> Path:
         return Path(state.split(":")[0]) / "models"
     data = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(data) / "modelherd" / "models"
+
+
+def default_cache_dir(env: dict[str, str] | None = None) -> Path:
+    """systemd's CacheDirectory when set, else $XDG_CACHE_HOME/modelherd."""
+    env = dict(os.environ) if env is None else env
+    cache = env.get("CACHE_DIRECTORY")
+    if cache:
+        return Path(cache.split(":")[0])
+    return Path(env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")) / "modelherd"
 
 
 def load_file(path: Path) -> FileConfig:
@@ -146,8 +164,9 @@ def _readable(message: str, prefix: str = "") -> str:
 def build_settings(config_path: Path | None, overrides: dict[str, Any]) -> Settings:
     """Merge the file (if any) with flag overrides; flags win."""
     file = load_file(config_path) if config_path else FileConfig()
+    paths_given = ("models_dirs", "cache_dir", "builtin_models")  # not server keys: used below
     server = msgspec.structs.replace(file.server, **{k: v for k, v in overrides.items()
-                                                     if v is not None and k != "models_dirs"})
+                                                     if v is not None and k not in paths_given})
     flag_dirs = overrides.get("models_dirs")
     config_dir = config_path.parent.resolve() if config_path else Path.cwd()
     # Paths in the file are relative to the file; paths given as flags, to where you are.
@@ -162,13 +181,20 @@ def build_settings(config_path: Path | None, overrides: dict[str, Any]) -> Setti
         server = msgspec.convert(msgspec.to_builtins(server), ServerSection)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"invalid option: {_readable(str(exc))}") from exc
-    for name, model in file.models.items():
-        if model.source.startswith(("hf://", "https://", "http://")):
-            raise ConfigError(
-                f"config key models.{name}.source: remote sources are not supported yet; "
-                "give a local file path")
-    return Settings(server=server, defaults=file.defaults, models=file.models,
-                    models_dirs=paths, default_models_dir=uses_default, config_dir=config_dir)
+    if overrides.get("cache_dir"):
+        cache_dir = _resolve(Path.cwd(), overrides["cache_dir"])
+    elif server.cache_dir:
+        cache_dir = _resolve(config_dir, server.cache_dir)
+    else:
+        cache_dir = default_cache_dir()
+    builtin: dict[str, ModelSection] = {}
+    if config_path is None and overrides.get("builtin_models") is not False:
+        from router.builtin import builtin_models
+
+        builtin = builtin_models()
+    return Settings(server=server, defaults=file.defaults, models=file.models, models_dirs=paths,
+                    default_models_dir=uses_default, config_dir=config_dir, cache_dir=cache_dir,
+                    builtin_models=builtin)
 
 
 def _resolve(base: Path, path: str) -> Path:

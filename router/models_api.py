@@ -18,9 +18,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from protocol.errors import ErrorKind, param_of
+from protocol.sources import redact
 from router.errors import HTTPError, error_response
 from router.pool import Pool
-from router.progress import RESYNC, ModelEvents
+from router.progress import RESYNC, ModelEvents, download_data
 from router.proxy import ClientGone, read_body
 from router.relay import SSE_HEADERS
 from router.slots import ModelStatus, PoolError, Slot
@@ -34,10 +35,12 @@ class _ModelRef(msgspec.Struct):
 
 
 def _status(slot: Slot, now: float) -> dict[str, Any]:
-    status: dict[str, Any] = {"value": slot.status.value, "failed": slot.status is ModelStatus.FAILED}
+    status: dict[str, Any] = {"value": slot.public_status, "failed": slot.status is ModelStatus.FAILED}
     if slot.status is ModelStatus.LOADING:
         status["progress"] = round(slot.progress, 3)
         status["stage"] = slot.stage
+        if slot.download is not None:
+            status["download"] = download_data(slot.download)
     if slot.wait_reason is not None:
         status["queued"] = slot.wait_reason
     if slot.failure is not None and slot.status is ModelStatus.FAILED:
@@ -67,7 +70,8 @@ def model_entry(pool: Pool, slot: Slot) -> dict[str, Any]:
         "owned_by": "modelherd",
         "aliases": list(entry.aliases),
         "backend": entry.backend,
-        "source": str(entry.path),
+        # Where it comes from (a download's URL redacted) and where its files are.
+        "source": redact(entry.worker.download.source) if entry.worker.download else str(entry.path),
         "path": str(entry.path),
         "origin": entry.origin,
         "mmproj": entry.worker.mmproj,

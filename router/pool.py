@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from protocol.errors import ErrorKind
-from protocol.messages import WorkerConfig
+from protocol.messages import DownloadProgress, LoadProgress, WorkerConfig
 from router.admission import MIB, Admit, Refuse, Wait, plan
 from router.catalog import Catalog
 from router.footprint import Estimate
@@ -367,7 +367,7 @@ class Pool:
     async def _spawn_and_start(self, slot: Slot) -> WorkerHandle:
         name = slot.entry.name
         slot.status = ModelStatus.LOADING
-        worker = self._launch(slot.entry, lambda stage, v: self._on_progress(slot, stage, v),
+        worker = self._launch(slot.entry, lambda msg: self._on_progress(slot, msg),
                               lambda w: self._on_exit(slot, w))
         slot.worker = worker
         self._workers.add(worker)
@@ -412,8 +412,8 @@ class Pool:
             log.error("model %s failed to load (%d in a row; automatic retries paused for %.0f s): %s",
                       slot.entry.name, slot.failures, delay, failure.message)
 
-    def _on_progress(self, slot: Slot, stage: str, value: float) -> None:
-        slot.report_progress(stage, value)
+    def _on_progress(self, slot: Slot, msg: LoadProgress | DownloadProgress) -> None:
+        slot.report_progress(msg)
 
     def _on_exit(self, slot: Slot, worker: WorkerHandle) -> None:
         self._workers.discard(worker)

@@ -23,6 +23,7 @@ from typing import Any
 
 import msgspec
 
+from protocol.messages import DownloadProgress
 from router.slots import ModelStatus, Slot
 
 _json = msgspec.json.Encoder()
@@ -37,14 +38,22 @@ def event_line(model: str | None, event: str, data: dict[str, Any]) -> bytes:
 
 def model_state(slot: Slot) -> dict[str, Any]:
     """What a status_change (and a snapshot entry) says about a model."""
-    state: dict[str, Any] = {"status": slot.status.value}
+    state: dict[str, Any] = {"status": slot.public_status}
     if slot.status is ModelStatus.FAILED and slot.failure is not None:
         state["exit_code"] = slot.failure.exit_code
         state["message"] = slot.failure.message
+    elif slot.status is ModelStatus.LOADING and slot.download is not None:
+        state |= download_data(slot.download)
     elif slot.status is ModelStatus.LOADING and slot.stage:
         state["stage"] = slot.stage
         state["value"] = round(slot.progress, 4)
     return state
+
+
+def download_data(msg: DownloadProgress) -> dict[str, Any]:
+    eta = None if msg.eta_s is None else round(msg.eta_s, 1)
+    return {"file": msg.file, "downloaded": msg.downloaded, "total": msg.total,
+            "bytes_per_s": round(msg.bytes_per_s), "eta_s": eta}
 
 
 class Resync:
@@ -106,6 +115,7 @@ class ModelEvents:
         self._sent: dict[tuple[str, str], dict[str, Any]] = {}
         self._held: dict[tuple[str, str], dict[str, Any]] = {}
         self._timers: dict[tuple[str, str], Any] = {}
+        self._downloading: dict[str, bool] = {}  # models between their first and last download report
 
     # ---- subscribers ----------------------------------------------------------
 
@@ -137,7 +147,19 @@ class ModelEvents:
         name = slot.entry.name
         if what == "status":
             self._flush_model(name)  # progress held back goes out before the change
+            if slot.status is ModelStatus.FAILED and self._downloading.pop(name, False):
+                self.publish(name, "download_failed", model_state(slot))
             self.publish(name, "status_change", model_state(slot))
+        elif slot.download is not None:
+            msg = slot.download
+            if not self._downloading.get(name):
+                self._downloading[name] = True
+                self.publish(name, "status_change", model_state(slot))  # now "downloading"
+            self.progress(name, "download_progress", download_data(msg), final=msg.finished)
+            if msg.finished:
+                self._downloading.pop(name, None)
+                self.publish(name, "download_finished", {"file": msg.file})
+                self.publish(name, "status_change", {"status": ModelStatus.LOADING.value})
         else:
             self.progress(name, "load_progress", {"stage": slot.stage, "value": round(slot.progress, 4)},
                           final=slot.progress >= 1.0)

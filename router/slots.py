@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from protocol.errors import ErrorKind
-from protocol.messages import ModelInfo
+from protocol.messages import DownloadProgress, LoadProgress, ModelInfo
 from router.admission import MIB, Holder, Refuse
 from router.catalog import ModelEntry
 from router.footprint import Estimate, mib
@@ -61,7 +61,7 @@ class WorkerHandle(Protocol):
     def describe_exit(self) -> str: ...
 
 
-ProgressFn = Callable[[str, float], None]
+ProgressFn = Callable[[LoadProgress | DownloadProgress], None]
 Launcher = Callable[[ModelEntry, ProgressFn, Callable[[WorkerHandle], None]], WorkerHandle]
 
 
@@ -93,7 +93,8 @@ class Slot:
     worker: WorkerHandle | None = None
     load_task: asyncio.Task[WorkerHandle] | None = None
     progress: float = 0.0  # of the load stage the worker last reported
-    stage: str = ""  # e.g. "weights" (llama.cpp reports one stage, "load")
+    stage: str = ""  # "download", or a load stage: e.g. "weights" (llama.cpp reports "load")
+    download: DownloadProgress | None = None  # the last download report, while downloading
     in_flight: int = 0  # leases held: waiting for the model or being served
     waiting: int = 0  # of those, still waiting for the model
     last_used: float = 0.0
@@ -122,10 +123,23 @@ class Slot:
             if self.watcher is not None:
                 self.watcher(self, "status")
 
-    def report_progress(self, stage: str, value: float) -> None:
-        self.stage, self.progress = stage, value
+    def report_progress(self, msg: LoadProgress | DownloadProgress) -> None:
+        if isinstance(msg, DownloadProgress):
+            self.download = msg
+            self.stage = "download"
+            self.progress = msg.downloaded / msg.total if msg.total else 0.0
+        else:
+            self.download = None
+            self.stage, self.progress = msg.stage, msg.value
         if self.watcher is not None:
             self.watcher(self, "progress")
+
+    @property
+    def public_status(self) -> str:
+        """The status clients see: a load still fetching its files is "downloading"."""
+        if self._status is ModelStatus.LOADING and self.stage == "download":
+            return "downloading"
+        return self._status.value
 
     @property
     def need(self) -> int:

@@ -22,6 +22,7 @@ from protocol.codec import VersionMismatch, check_hello
 from protocol.errors import ErrorKind
 from protocol.messages import (
     Configure,
+    DownloadProgress,
     Hello,
     LoadFailed,
     LoadProgress,
@@ -51,7 +52,7 @@ class WorkerStartError(Exception):
 
 class WorkerProcess:
     def __init__(self, config: WorkerConfig, bridge: Bridge, log_level: str,
-                 on_progress: Callable[[str, float], None],
+                 on_progress: Callable[[LoadProgress | DownloadProgress], None],
                  on_exit: Callable[[WorkerProcess], None],
                  streams: StreamSettings | None = None) -> None:
         self.config = config
@@ -114,8 +115,10 @@ class WorkerProcess:
             raise WorkerStartError(f"worker did not become ready within {load_timeout:.0f} s") from None
         except WorkerStartError:
             # After LoadFailed the worker exits by itself: its own exit code says more
-            # than the SIGTERM's would.
-            await self.stop(grace=LOAD_FAILED_GRACE_S)
+            # than the SIGTERM's would. (It may have closed its socket already, so no
+            # Shutdown can reach it: wait for the exit itself.)
+            await self._wait_exit(LOAD_FAILED_GRACE_S)
+            await self.stop(grace=0)
             raise
 
     async def _spawn(self, life_r: Connection, life_w: Connection, log_r: Connection,
@@ -160,8 +163,8 @@ class WorkerProcess:
     def _on_message(self, msg: Upstream) -> None:
         if isinstance(msg, Hello) and self._hello and not self._hello.done():
             self._hello.set_result(msg)
-        elif isinstance(msg, LoadProgress):
-            self._on_progress(msg.stage, msg.value)
+        elif isinstance(msg, LoadProgress | DownloadProgress):
+            self._on_progress(msg)
         elif isinstance(msg, Ready) and self._ready and not self._ready.done():
             self._ready.set_result(msg.info)
         elif isinstance(msg, LoadFailed) and self._ready and not self._ready.done():

@@ -41,7 +41,7 @@ def test_flags_override_file(tmp_path: Path) -> None:
     ("[server]\nprot = 1\n", ["prot", "unknown"]),
     ("[models.m]\nn_ctx = 5\n", ["models.m", "source"]),
     ("[models.m]\nsource = 'x.gguf'\nbackend = 'vllm'\n", ["models.m.backend"]),
-    ("[models.m]\nsource = 'hf://a/b/c.gguf'\n", ["models.m.source", "remote"]),
+    ("[models.m]\nsource = 'hf://a/b/c.gguf'\nsha256 = 'xyz'\n", ["models.m.sha256"]),
     ("[defaults]\nn_threads = -1\n", ["defaults.n_threads"]),
     ("[server\n", ["not valid TOML"]),
     ("[server]\nmax_models = -1\n", ["server.max_models", ">= 0"]),
@@ -203,7 +203,9 @@ def test_no_config_serves_default_models_dir(tmp_path: Path, models_dir: Path) -
     (default_dir / "found.gguf").write_bytes((models_dir / "tiny-a.gguf").read_bytes())
     with Daemon(env={"XDG_DATA_HOME": str(data), "XDG_RUNTIME_DIR": str(tmp_path)}) as d:
         d.wait_for_log(rf"models dir: {default_dir}")
-        assert list(d.models()) == ["found"]
+        models = d.models()  # what it found, and the built-in models (no config file)
+        assert models["found"]["origin"] == "models_dir"
+        assert {m["origin"] for name, m in models.items() if name != "found"} == {"builtin"}
         with d.client() as c:
             r = c.post("/v1/completions", json={"model": "found", "prompt": "a", "max_tokens": 2})
         assert r.status_code == 200, r.text
@@ -245,3 +247,38 @@ def test_model_policy_inherits_server_defaults(tmp_path: Path) -> None:
     policies = {e.name: e.policy for e in build_catalog(build_settings(cfg, {}))}
     assert policies["a"] == Policy(ttl=60, max_queue=8)
     assert policies["b"] == Policy(ttl=0, max_queue=2)
+
+
+def test_the_cache_dir_comes_from_the_flag_the_file_systemd_or_xdg(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CACHE_DIRECTORY", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert build_settings(None, {}).cache_dir == tmp_path / "xdg" / "modelherd"
+    monkeypatch.setenv("CACHE_DIRECTORY", f"{tmp_path}/systemd:{tmp_path}/other")
+    assert build_settings(None, {}).cache_dir == tmp_path / "systemd"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[server]\ncache_dir = "in-file"\n')
+    assert build_settings(cfg, {}).cache_dir == tmp_path / "in-file"
+    assert build_settings(cfg, {"cache_dir": "on-cli"}).cache_dir == Path.cwd() / "on-cli"
+
+
+def test_remote_sources_are_cached_by_source_and_name_their_backend(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'''[server]\ncache_dir = "{tmp_path}/cache"\n
+[models.g]\nsource = "hf://org/repo/sub/m-Q4.gguf@v1.0"\nsha256 = "{'A' * 64}"\n
+[models.m]\nsource = "hf://org/repo-mlx"\n
+[models.u]\nsource = "https://example.com/files/m.gguf?token=abc"\n''')
+    settings = build_settings(cfg, {"models_dirs": [str(tmp_path / "none")]})
+    entries = {e.name: e for e in build_catalog(settings)}
+    g, m, u = entries["g"], entries["m"], entries["u"]
+    assert g.path == tmp_path / "cache" / "hf" / "org" / "repo" / "v1.0" / "sub" / "m-Q4.gguf"
+    assert g.backend == "llama_cpp" and g.worker.download is not None
+    assert g.worker.download.sha256 == "a" * 64 and g.worker.download.cache_dir == str(tmp_path / "cache")
+    assert m.path == tmp_path / "cache" / "hf" / "org" / "repo-mlx" / "main" and m.backend == "mlx"
+    assert u.backend == "llama_cpp" and u.path.name == "m.gguf" and "token" not in str(u.path)
+    cfg.write_text('[models.x]\nsource = "hf://org/repo"\nsha256 = "' + "a" * 64 + '"\n')
+    with pytest.raises(ConfigError, match="no one checksum"):
+        build_catalog(build_settings(cfg, {}))
+    cfg.write_text('[models.x]\nsource = "https://example.com/weights"\n')
+    with pytest.raises(ConfigError, match="cannot tell which backend"):
+        build_catalog(build_settings(cfg, {}))

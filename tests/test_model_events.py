@@ -88,7 +88,7 @@ def test_a_failed_load_says_why_and_idle_feeds_are_kept_alive(feed_daemon: Daemo
         assert next(feed)["event"] == "snapshot"
         assert c.post("/models/load", json={"model": "bad"}).status_code == 200
         failed = until(feed, "bad", "failed")[-1]["data"]
-        assert failed["exit_code"] == 3 and "weights are corrupt" in failed["message"]
+        assert failed["exit_code"] == 3 and "weights are corrupt" in failed["message"], feed_daemon.log()
         # Nothing happens now: comment lines keep the connection open (0.3 s apart here).
         assert next(feed) == {"comment": "keepalive"}
         # A subscriber that comes later sees the failure in its snapshot.

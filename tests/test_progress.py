@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from protocol.messages import WorkerConfig
+from protocol.messages import DownloadProgress, LoadProgress, WorkerConfig
 from router.catalog import ModelEntry
 from router.progress import RESYNC, ModelEvents, Subscriber
 from router.slots import Failure, ModelStatus, Slot
@@ -91,13 +91,13 @@ def test_progress_is_throttled_but_the_first_and_the_last_go_out(
     sub = events.subscribe()
     a.status = ModelStatus.LOADING
     for i in range(10):  # ten reports within 45 ms
-        a.report_progress("load", i / 20)
+        a.report_progress(LoadProgress("load", i / 20))
         timers.advance(0.005)
     values = [e["data"]["value"] for e in drain(sub) if e["event"] == "load_progress"]
     assert values == [0.0]  # the first at once, the rest held back
     timers.advance(0.1)  # the interval ends: the latest held back goes out
     assert [e["data"]["value"] for e in drain(sub)] == [0.45]
-    a.report_progress("load", 0.5)  # within the next interval: held
+    a.report_progress(LoadProgress("load", 0.5))  # within the next interval: held
     a.status = ModelStatus.LOADED  # ... and sent before the change
     assert [(e["event"], e["data"]) for e in drain(sub)] == [
         ("load_progress", {"stage": "load", "value": 0.5}),
@@ -110,9 +110,9 @@ def test_a_final_value_is_not_held_and_repeats_are_dropped(
         setup: tuple[ModelEvents, Timers, list[Slot]]) -> None:
     events, _, (a, _b) = setup
     sub = events.subscribe()
-    a.report_progress("load", 0.0)
-    a.report_progress("load", 1.0)  # within the interval, but final
-    a.report_progress("load", 1.0)  # llama.cpp's 1.0, then the backend's
+    a.report_progress(LoadProgress("load", 0.0))
+    a.report_progress(LoadProgress("load", 1.0))  # within the interval, but final
+    a.report_progress(LoadProgress("load", 1.0))  # llama.cpp's 1.0, then the backend's
     assert [e["data"]["value"] for e in drain(sub)] == [0.0, 1.0]
     # Each model is throttled on its own.
     events.progress("b", "load_progress", {"value": 0.1})
@@ -145,3 +145,29 @@ def test_close_ends_every_subscriber(setup: tuple[ModelEvents, Timers, list[Slot
         return await asyncio.wait_for(waiting, 5)
 
     assert asyncio.run(wait_for_close()) is None and sub.closed
+
+
+def test_a_download_is_a_status_of_its_own_with_its_events(
+        setup: tuple[ModelEvents, Timers, list[Slot]]) -> None:
+    events, timers, (a, b) = setup
+    sub = events.subscribe()
+    a.status = b.status = ModelStatus.LOADING
+    a.report_progress(DownloadProgress("m.gguf", 0, 100, 0.0, None))
+    timers.advance(0.2)
+    a.report_progress(DownloadProgress("m.gguf", 100, 100, 50.0, 0.0, finished=True))
+    a.report_progress(LoadProgress("load", 0.0))
+
+    def got() -> list[tuple[str, str, object]]:
+        return [(e["model"], e["event"], e["data"].get("status") or e["data"].get("downloaded"))
+                for e in drain(sub)]
+
+    assert got() == [
+        ("a", "status_change", "loading"), ("b", "status_change", "loading"),
+        ("a", "status_change", "downloading"), ("a", "download_progress", 0),
+        ("a", "download_progress", 100), ("a", "download_finished", None), ("a", "status_change", "loading"),
+        ("a", "load_progress", None)]
+    b.report_progress(DownloadProgress("n.gguf", 5, 100, 5.0, 19.0))
+    b.failure = Failure("HTTP 404", 3, [])
+    b.status = ModelStatus.FAILED
+    assert got() == [("b", "status_change", "downloading"), ("b", "download_progress", 5),
+                     ("b", "download_failed", "failed"), ("b", "status_change", "failed")]

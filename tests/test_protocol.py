@@ -23,6 +23,7 @@ from protocol.messages import (
     Cancel,
     Configure,
     Detach,
+    DownloadProgress,
     Endpoint,
     Heartbeat,
     Hello,
@@ -65,6 +66,7 @@ DOWN = [
 UP = [
     (Hello(PROTOCOL_VERSION, 1234, "m/abc"), None),
     (LoadProgress("load", 0.5), None),
+    (DownloadProgress("m.gguf", 10, 100, 5.0, 18.0, finished=False), None),
     (Ready(INFO), None),
     (LoadFailed(ErrorKind.LOAD_FAILED, "bad file"), None),
     (WorkerStatus(1, 2), None),

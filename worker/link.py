@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import sys
 import threading
 import time
@@ -22,6 +23,8 @@ from protocol.messages import (
     Cancel,
     Configure,
     Detach,
+    Download,
+    DownloadProgress,
     Heartbeat,
     Hello,
     LoadFailed,
@@ -38,6 +41,8 @@ from protocol.messages import (
     WorkerStatus,
 )
 from worker.backend import make_backend
+from worker.download import Outcome, Progress
+from worker.download import run as run_download
 from worker.engine import Engine, Sink
 from worker.streams import StreamStore
 
@@ -77,6 +82,14 @@ class Link:
         if configure is None:
             return EXIT_NO_CONFIG
         config = configure.model
+        if config.download is not None:
+            failure = self._download(config.download)
+            if self._shutdown_requested:
+                return EXIT_OK  # unloaded while downloading: the .part stays for a resume
+            if failure is not None:
+                log.error("downloading %s failed: %s", config.name, failure)
+                self._send(LoadFailed(ErrorKind.LOAD_FAILED, failure))
+                return EXIT_LOAD_FAILED
         try:
             backend = make_backend(config.backend)
             info = backend.load(config, self._progress_reporter())
@@ -133,6 +146,41 @@ class Link:
                 return None
         log.error("no Configure from the router within %.0f s", CONFIGURE_TIMEOUT_S)
         return None
+
+    def _download(self, download: Download) -> str | None:
+        """Fetch the model on a thread while this one relays its progress and listens for a
+        Shutdown; None when every file is in the cache, else why not."""
+        cancel = threading.Event()
+        events: queue.SimpleQueue[Progress | Outcome] = queue.SimpleQueue()
+        thread = threading.Thread(target=run_download, args=(download, events, cancel), name="download",
+                                  daemon=True)
+        thread.start()
+        last: Progress | None = None
+        sent_at = 0.0
+        while True:
+            if self._dealer.poll(int(PROGRESS_INTERVAL_S * 1000)) and isinstance(self._recv()[0], Shutdown):
+                self._shutdown_requested = True
+                cancel.set()
+            outcome = None
+            while not events.empty():
+                item = events.get()
+                if isinstance(item, Outcome):
+                    outcome = item
+                    continue
+                if last is None or last.file != item.file:  # each file's first report, as it is
+                    self._send(DownloadProgress(item.file, item.downloaded, item.total, item.bytes_per_s,
+                                                item.eta_s))
+                    sent_at = time.monotonic()
+                last = item
+            now = time.monotonic()
+            if last is not None and (outcome is not None or now - sent_at >= PROGRESS_INTERVAL_S):
+                self._send(DownloadProgress(last.file, last.downloaded, last.total, last.bytes_per_s,
+                                            last.eta_s, finished=outcome is not None and outcome.error is None
+                                            and not outcome.cancelled))
+                sent_at = now
+            if outcome is not None:
+                thread.join()
+                return outcome.error
 
     def _progress_reporter(self) -> Callable[[str, float], bool]:
         last = [0.0]

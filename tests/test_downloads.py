@@ -1,0 +1,223 @@
+"""Models from hf:// and https:// sources, end to end: a real daemon downloading from a
+real HTTP server on loopback (HF_ENDPOINT points at it), with faults on cue, watched
+through GET /models/sse."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.daemon import Daemon
+from tests.fileserver import FileServer, file_server
+from tests.test_model_events import events, until
+
+TOKEN = "hf_test_token_do_not_log"
+
+
+@pytest.fixture(scope="module")
+def hub() -> Iterator[FileServer]:
+    with file_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def remote(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, hub: FileServer,
+           isolated_env: dict[str, str]) -> Iterator[tuple[Daemon, Path]]:
+    tmp = tmp_path_factory.mktemp("downloads")
+    gguf = (models_dir / "tiny-a.gguf").read_bytes()
+    hub.add("/org/tiny/resolve/main/tiny.gguf", gguf, cut_at=len(gguf) // 2)
+    hub.add("/org/tiny/resolve/main/checked.gguf", gguf)
+    hub.add("/org/tiny/resolve/main/wrongsum.gguf", gguf)
+    hub.add("/org/tiny/resolve/main/slow.gguf", gguf, chunk_delay=0.2)
+    hub.add("/org/tiny/resolve/main/shared.gguf", gguf, chunk_delay=0.05)
+    hub.add("/plain/file.gguf", gguf)
+    mlx_files = {p.name: p.read_bytes() for p in (models_dir / "tiny-mlx").iterdir()}
+    hub.add_tree("org/tiny-mlx", "main", mlx_files)
+    cache = tmp / "cache"
+    (tmp / "c.toml").write_text(f"""
+[server]
+models_dirs = []
+cache_dir = "{cache}"
+
+[models.remote]
+source = "hf://org/tiny/tiny.gguf"
+
+[models.checked]
+source = "hf://org/tiny/checked.gguf"
+sha256 = "{hashlib.sha256(gguf).hexdigest()}"
+
+[models.wrongsum]
+source = "hf://org/tiny/wrongsum.gguf"
+sha256 = "{'0' * 64}"
+
+[models.missing]
+source = "hf://org/tiny/missing.gguf"
+
+[models.slow]
+source = "hf://org/tiny/slow.gguf"
+
+[models.shared]
+source = "hf://org/tiny/shared.gguf"
+
+[models.plain]
+source = "{hub.url}/plain/file.gguf?signature=secret-signature"
+
+[models.mlx-remote]
+source = "hf://org/tiny-mlx"
+""")
+    env = {**isolated_env, "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN}
+    with Daemon("--config", str(tmp / "c.toml"), env=env) as d:
+        yield d, cache
+    assert not any(TOKEN in line or "secret-signature" in line for line in d.lines)
+
+
+def complete(d: Daemon, model: str) -> httpx.Response:
+    with d.client() as c:
+        return c.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 3})
+
+
+def test_a_download_shows_on_the_feed_resumes_after_a_cut_and_then_serves(
+        remote: tuple[Daemon, Path], hub: FileServer) -> None:
+    d, cache = remote
+    with httpx.Client(base_url=d.url, timeout=30) as c, c.stream("GET", "/models/sse") as r:
+        feed = events(r)
+        assert next(feed)["event"] == "snapshot"
+        assert c.post("/models/load", json={"model": "remote"}).status_code == 200
+        seen = until(feed, "remote", "loaded")
+    kinds = [e["event"] for e in seen]
+    statuses = [e["data"]["status"] for e in seen if e["event"] == "status_change"]
+    assert statuses == ["loading", "downloading", "loading", "loaded"]
+    progress = [e["data"] for e in seen if e["event"] == "download_progress"]
+    assert [p["downloaded"] for p in progress] == sorted(p["downloaded"] for p in progress)
+    assert progress[0]["downloaded"] == 0 and progress[-1]["downloaded"] == progress[-1]["total"] > 0
+    assert progress[-1]["file"] == "tiny.gguf" and progress[-1]["bytes_per_s"] > 0
+    assert kinds.index("download_finished") < kinds.index("load_progress")
+    # The connection was cut half way: the second request asked for the rest.
+    first, second = hub.seen("/org/tiny/resolve/main/tiny.gguf")
+    assert "range" not in first.headers and second.headers["range"].startswith("bytes=")
+    assert first.headers["authorization"] == f"Bearer {TOKEN}"
+    path = cache / "hf" / "org" / "tiny" / "main" / "tiny.gguf"
+    meta = json.loads(path.with_name("tiny.gguf.meta.json").read_text())
+    assert meta["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    entry = d.models()["remote"]
+    assert entry["path"] == str(path) and entry["source"] == "hf://org/tiny/tiny.gguf"
+    assert complete(d, "remote").status_code == 200
+
+
+def test_a_configured_checksum_is_verified(remote: tuple[Daemon, Path]) -> None:
+    d, cache = remote
+    assert complete(d, "checked").status_code == 200
+    with httpx.Client(base_url=d.url, timeout=30) as c, c.stream("GET", "/models/sse") as r:
+        feed = events(r)
+        next(feed)
+        assert c.post("/models/load", json={"model": "wrongsum"}).status_code == 200
+        seen = until(feed, "wrongsum", "failed")
+    assert [e["event"] for e in seen][-2:] == ["download_failed", "status_change"]
+    message = seen[-1]["data"]["message"]
+    assert "checksum mismatch" in message and "0" * 64 in message  # both hashes
+    folder = cache / "hf" / "org" / "tiny" / "main"
+    assert not [p for p in folder.iterdir() if p.name.startswith("wrongsum") and not p.name.endswith(".lock")]
+
+
+def test_a_404_fails_without_retrying(remote: tuple[Daemon, Path], hub: FileServer) -> None:
+    d, _ = remote
+    r = complete(d, "missing")
+    assert r.status_code == 503 and "HTTP 404" in r.json()["error"]["message"]
+    assert len(hub.seen("/org/tiny/resolve/main/missing.gguf")) == 1
+
+
+def test_unloading_a_downloading_model_cancels_it_and_a_later_load_resumes(
+        remote: tuple[Daemon, Path], hub: FileServer) -> None:
+    d, cache = remote
+    part = cache / "hf" / "org" / "tiny" / "main" / "slow.gguf.part"
+    with httpx.Client(base_url=d.url, timeout=30) as c, c.stream("GET", "/models/sse") as r:
+        feed = events(r)
+        next(feed)
+        assert c.post("/models/load", json={"model": "slow"}).status_code == 200
+        for e in feed:
+            if e.get("model") == "slow" and e["event"] == "download_progress" and e["data"]["downloaded"]:
+                break
+        assert c.post("/models/unload", json={"model": "slow"}).status_code == 200
+        until(feed, "slow", "unloaded")
+    held = part.stat().st_size
+    assert 0 < held < len(hub.files["/org/tiny/resolve/main/slow.gguf"].body)
+    hub.files["/org/tiny/resolve/main/slow.gguf"].chunk_delay = 0
+    assert complete(d, "slow").status_code == 200
+    assert hub.seen("/org/tiny/resolve/main/slow.gguf")[-1].headers["range"] == f"bytes={held}-"
+
+
+def test_two_requests_for_one_model_make_one_download(remote: tuple[Daemon, Path], hub: FileServer) -> None:
+    d, _ = remote
+    results: list[int] = []
+    threads = [threading.Thread(target=lambda: results.append(complete(d, "shared").status_code))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == [200, 200]
+    assert len(hub.seen("/org/tiny/resolve/main/shared.gguf")) == 1
+
+
+def test_an_https_source_keeps_its_query_out_of_sight(remote: tuple[Daemon, Path], hub: FileServer) -> None:
+    d, _ = remote
+    assert complete(d, "plain").status_code == 200
+    assert hub.seen("/plain/file.gguf")[0].path.endswith("?signature=secret-signature")
+    entry: dict[str, Any] = d.models()["plain"]
+    assert entry["source"] == f"{hub.url}/plain/file.gguf"
+    assert "/https/127.0.0.1_" in entry["path"] and entry["path"].endswith("/file.gguf")
+
+
+def test_an_mlx_repo_downloads_the_files_it_needs(remote: tuple[Daemon, Path], models_dir: Path) -> None:
+    d, cache = remote
+    assert d.models()["mlx-remote"]["backend"] == "mlx"
+    assert complete(d, "mlx-remote").status_code == 200
+    folder = cache / "hf" / "org" / "tiny-mlx" / "main"
+    expected = {p.name for p in (models_dir / "tiny-mlx").iterdir()}
+    assert {p.name for p in folder.iterdir() if not p.name.endswith((".lock", ".meta.json"))} == expected
+
+
+@pytest.mark.parametrize("source", ["hf://org/../etc/passwd", "hf://org/repo/%2e%2e/x.gguf",
+                                    "hf://org/repo/a\\b.gguf", "http://example.com/m.gguf",
+                                    "https://user:pw@example.com/m.gguf"])
+def test_unsafe_sources_are_config_errors(tmp_path: Path, source: str, isolated_env: dict[str, str]) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "c.toml").write_text(f'[models.m]\nsource = "{source}"\n')
+    done = subprocess.run([sys.executable, "-m", "router", "serve", "--config", str(tmp_path / "c.toml")],
+                          capture_output=True, text=True, timeout=60, cwd=Path(__file__).parent.parent,
+                          env={**isolated_env, "PATH": "/usr/bin"})
+    assert done.returncode == 2 and "models.m.source" in done.stderr, done.stderr
+    assert "pw@" not in done.stderr
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_without_a_config_the_builtin_models_are_offered_and_fetched_on_first_use(
+        tmp_path: Path, hub: FileServer, models_dir: Path, isolated_env: dict[str, str]) -> None:
+    hub.add("/Qwen/Qwen2.5-0.5B-Instruct-GGUF/resolve/main/qwen2.5-0.5b-instruct-q4_k_m.gguf",
+            (models_dir / "tiny-a.gguf").read_bytes())  # a stand-in: nothing real is downloaded here
+    env = {**isolated_env, "HF_ENDPOINT": hub.url}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with Daemon("--models-dir", str(empty), "--cache-dir", str(tmp_path / "cache"), env=env) as d:
+        with d.client() as c:
+            ids = {m["id"] for m in c.get("/v1/models").json()["data"]}
+        assert {"qwen2.5-0.5b-instruct", "qwen2.5-1.5b-instruct"} <= ids
+        entry = d.models()["qwen2.5-0.5b-instruct"]
+        assert entry["origin"] == "builtin" and entry["status"]["value"] == "unloaded"
+        assert complete(d, "qwen2.5-0.5b-instruct").status_code == 200
+    assert (tmp_path / "cache" / "hf" / "Qwen" / "Qwen2.5-0.5B-Instruct-GGUF" / "main"
+            / "qwen2.5-0.5b-instruct-q4_k_m.gguf").is_file()
+    (tmp_path / "c.toml").write_text(f'[server]\nmodels_dirs = ["{empty}"]\n')
+    for args in (["--models-dir", str(empty), "--no-builtin-models"], ["--config", str(tmp_path / "c.toml")]):
+        with Daemon(*args, env=env) as d:
+            assert d.models() == {}

@@ -1,0 +1,117 @@
+"""Fetching a worker's model before it loads: the source resolved into files, each
+downloaded into the cache by worker.fetch, progress measured as it goes.
+
+`run` is the body of the worker's download thread. It reports through a queue:
+Progress items, then one Outcome. The socket thread relays them (throttled) and turns
+a Shutdown into the cancel event, which stops the download between reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from pathlib import Path
+
+from protocol import sources
+from protocol.messages import Download
+from worker.fetch import Cancelled, DownloadError, fetch
+
+HF_ENDPOINT = "https://huggingface.co"
+# What an MLX folder needs from its repo (mlx-lm's own list, without *.py: no remote code).
+MLX_FILES = ("*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja")
+LISTING_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Planned:
+    url: str
+    dest: Path
+    sha256: str | None
+
+
+@dataclass(frozen=True)
+class Progress:
+    file: str
+    downloaded: int
+    total: int
+    bytes_per_s: float
+    eta_s: float | None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    error: str | None  # None: every file is in the cache
+    cancelled: bool = False
+
+
+def run(download: Download, out: queue.SimpleQueue[Progress | Outcome], cancel: threading.Event) -> None:
+    token = os.environ.get("HF_TOKEN") or None
+    try:
+        for item in plan(download, token):
+            _fetch_one(item, token, out, cancel)
+    except Cancelled:
+        out.put(Outcome(None, cancelled=True))
+    except (DownloadError, sources.SourceError) as exc:
+        out.put(Outcome(str(exc)))
+    except Exception as exc:  # a bug here must still end the load with a reason
+        out.put(Outcome(f"download failed: {type(exc).__name__}: {exc}"))
+    else:
+        out.put(Outcome(None))
+
+
+def plan(download: Download, token: str | None) -> list[Planned]:
+    remote = sources.parse(download.source, download.allow_insecure_http)
+    target = Path(sources.cache_path(download.cache_dir, remote))
+    if remote.kind == "https":
+        return [Planned(remote.url, target, download.sha256)]
+    endpoint = os.environ.get("HF_ENDPOINT") or HF_ENDPOINT
+    if remote.file is not None:
+        names = sources.shard_names(remote.file)
+        base = target.parent
+        sha = download.sha256 if len(names) == 1 else None  # one checksum names one file
+        return [Planned(sources.hf_url(endpoint, remote, n), base / Path(n).name, sha) for n in names]
+    names = [n for n in _hub_files(endpoint, remote, token) if any(fnmatch(n, p) for p in MLX_FILES)]
+    if not any(n.endswith(".safetensors") for n in names):
+        raise DownloadError(f"{remote.text}: the repo has no *.safetensors files to serve as an MLX model")
+    return [Planned(sources.hf_url(endpoint, remote, n), target / n, None) for n in names]
+
+
+def _hub_files(endpoint: str, remote: sources.Remote, token: str | None) -> list[str]:
+    url = f"{endpoint.rstrip('/')}/api/models/{remote.repo}/tree/{remote.revision}"
+    request = urllib.request.Request(url, headers={"User-Agent": "modelherd"})
+    if token:
+        request.add_unredirected_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=LISTING_TIMEOUT_S) as response:
+            listing = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        hint = " (set HF_TOKEN for a gated or private model)" if exc.code in (401, 403) else ""
+        raise DownloadError(f"listing {sources.redact(url)} failed: HTTP {exc.code}{hint}") from None
+    except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError) as exc:
+        raise DownloadError(f"listing {sources.redact(url)} failed: {type(exc).__name__}") from None
+    files = [e["path"] for e in listing if isinstance(e, dict) and e.get("type") == "file"]
+    # Names from the network become paths on disk: plain names only.
+    return [sources.check_relative(str(name), remote.text) for name in files]
+
+
+def _fetch_one(item: Planned, token: str | None, out: queue.SimpleQueue[Progress | Outcome],
+               cancel: threading.Event) -> None:
+    started = time.monotonic()
+    first: list[int] = []
+
+    def progress(done: int, total: int) -> None:
+        if not first:
+            first.append(done)  # a resume starts part way: the rate counts what came now
+        elapsed = time.monotonic() - started
+        rate = (done - first[0]) / elapsed if elapsed > 0 else 0.0
+        eta = (total - done) / rate if total and rate > 0 else None
+        out.put(Progress(item.dest.name, done, total, rate, eta))
+
+    fetch(item.url, item.dest, sha256=item.sha256, token=token, progress=progress, cancel=cancel)
