@@ -19,6 +19,7 @@ class ErrorKind(enum.Enum):
     UNSUPPORTED = "unsupported"
     AUTHENTICATION = "authentication"
     NOT_FOUND = "not_found"
+    CONFLICT = "conflict"  # the model's state forbids it now (e.g. deleting a loaded model's files)
     MODEL_NOT_LOADED = "model_not_loaded"
     TOO_LARGE = "too_large"
     RATE_LIMITED = "rate_limited"
@@ -45,6 +46,7 @@ _STATUS: dict[ErrorKind, int] = {
     ErrorKind.CANCELLED: 400,
     ErrorKind.AUTHENTICATION: 401,
     ErrorKind.NOT_FOUND: 404,
+    ErrorKind.CONFLICT: 409,
     ErrorKind.TOO_LARGE: 413,
     ErrorKind.RATE_LIMITED: 429,
     ErrorKind.INTERNAL: 500,
@@ -62,6 +64,7 @@ _OPENAI_TYPE: dict[ErrorKind, str] = {
     ErrorKind.CANCELLED: "invalid_request_error",
     ErrorKind.AUTHENTICATION: "authentication_error",
     ErrorKind.NOT_FOUND: "not_found_error",
+    ErrorKind.CONFLICT: "invalid_request_error",
     ErrorKind.TOO_LARGE: "invalid_request_error",
     ErrorKind.RATE_LIMITED: "rate_limit_error",
     ErrorKind.INTERNAL: "server_error",

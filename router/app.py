@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from protocol.errors import ErrorKind
 from protocol.messages import Endpoint
-from router import models_api
+from router import downloads_api, models_api
 from router.auth import APIKeyMiddleware
 from router.bridge import Bridge
 from router.config import Settings
@@ -24,6 +24,7 @@ from router.errors import HTTPError, error_response
 from router.pool import Pool
 from router.progress import ModelEvents
 from router.proxy import OpenAIRoute
+from router.pulls import Pulls
 from router.streams_api import Streams
 
 log = logging.getLogger("modelherd.app")
@@ -39,12 +40,14 @@ def build_app(settings: Settings, pool: Pool, bridge: Bridge, events: ModelEvent
         bridge.start()
         pool.start()
         yield
+        await pulls.close()
         log.info("stopping %d worker(s)", sum(1 for s in pool.slots() if s.worker is not None))
         await pool.close()
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
+    pulls = Pulls(events)
     streams = Streams(pool, bridge, Tracker(server.max_conversations, server.stream_retention),
                       server.stream_fanout_timeout)
 
@@ -58,6 +61,7 @@ def build_app(settings: Settings, pool: Pool, bridge: Bridge, events: ModelEvent
         Route("/v1/embeddings", proxied(Endpoint.EMBEDDING), methods=["POST"]),
         *models_api.routes(pool),
         Route("/models/sse", models_api.event_feed(events, server.sse_keepalive), methods=["GET"]),
+        *downloads_api.routes(pool, pulls, events, settings.cache_dir),
         *streams.routes(),
     ]
 

@@ -1,4 +1,4 @@
-"""Command line: `modelherd serve ...`.
+"""Command line: `modelherd serve ...` and `modelherd pull NAME|SOURCE`.
 
 Kept free of heavy imports: spawned workers import the parent's main module,
 and this is it when started from the console script.
@@ -38,11 +38,20 @@ def _parser() -> argparse.ArgumentParser:
                        help="unload a model idle this long (default 0 = never)")
     serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
     serve.add_argument("--max-body-bytes", type=int, help="largest request body (default 16 MiB)")
+    pull = sub.add_parser("pull", help="download a model into the cache without serving it")
+    pull.add_argument("what", metavar="NAME|SOURCE",
+                      help="a model of the config (or a built-in one), or hf://... / https://...")
+    pull.add_argument("--config", type=Path, help="TOML config file naming the model")
+    pull.add_argument("--cache-dir", metavar="DIR", help="where downloads go (as for serve)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "pull":
+        from router.pullcli import pull
+
+        return pull(args.what, args.config, args.cache_dir)
     from router.config import ConfigError, build_settings
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}

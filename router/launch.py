@@ -14,3 +14,9 @@ def run_worker(*args: Any) -> None:
     from worker.main import run
 
     run(*args)
+
+
+def run_pull(*args: Any) -> None:
+    from worker.download import pull
+
+    pull(*args)

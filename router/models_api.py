@@ -19,6 +19,7 @@ from starlette.routing import Route
 
 from protocol.errors import ErrorKind, param_of
 from protocol.sources import redact
+from router import cachefiles
 from router.errors import HTTPError, error_response
 from router.pool import Pool
 from router.progress import RESYNC, ModelEvents, download_data
@@ -84,6 +85,8 @@ def model_entry(pool: Pool, slot: Slot) -> dict[str, Any]:
         "max_queue": policy.max_queue,
         "memory": {"estimate": slot.estimate.total if slot.estimate else None, "rss": pool.rss(slot)},
     }
+    cache = cachefiles.info(entry)  # where a download's files are, and how far it got
+    out["cache"] = cache.json() if cache is not None else None
     info = slot.info if slot.status is ModelStatus.LOADED else None
     # Where it runs, and why not on the device it preferred (e.g. a build without GPU).
     out["device"] = info.device if info is not None else None
@@ -94,7 +97,7 @@ def model_entry(pool: Pool, slot: Slot) -> dict[str, Any]:
     return out
 
 
-async def _model_ref(request: Request) -> _ModelRef | Response:
+async def model_ref(request: Request) -> _ModelRef | Response:
     try:
         body = await read_body(request.scope, request.receive, MAX_MANAGEMENT_BODY)
         return msgspec.json.decode(body, type=_ModelRef)
@@ -119,7 +122,7 @@ def routes(pool: Pool) -> list[Route]:
         return JSONResponse({"object": "list", "data": [model_entry(pool, s) for s in pool.slots()]})
 
     async def load(request: Request) -> Response:
-        ref = await _model_ref(request)
+        ref = await model_ref(request)
         if isinstance(ref, Response):
             return ref
         slot = pool.slot(ref.model)
@@ -135,7 +138,7 @@ def routes(pool: Pool) -> list[Route]:
         return JSONResponse({"success": True, "model": model_entry(pool, slot)})
 
     async def unload(request: Request) -> Response:
-        ref = await _model_ref(request)
+        ref = await model_ref(request)
         if isinstance(ref, Response):
             return ref
         try:

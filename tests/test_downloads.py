@@ -4,9 +4,12 @@ through GET /models/sse."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +42,7 @@ def remote(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, hub: File
     hub.add("/org/tiny/resolve/main/slow.gguf", gguf, chunk_delay=0.2)
     hub.add("/org/tiny/resolve/main/shared.gguf", gguf, chunk_delay=0.05)
     hub.add("/plain/file.gguf", gguf)
+    hub.add("/org/tiny/resolve/main/pulled.gguf", gguf)
     mlx_files = {p.name: p.read_bytes() for p in (models_dir / "tiny-mlx").iterdir()}
     hub.add_tree("org/tiny-mlx", "main", mlx_files)
     cache = tmp / "cache"
@@ -72,6 +76,12 @@ source = "{hub.url}/plain/file.gguf?signature=secret-signature"
 
 [models.mlx-remote]
 source = "hf://org/tiny-mlx"
+
+[models.pulled]
+source = "hf://org/tiny/pulled.gguf"
+
+[models.local]
+source = "{models_dir / 'tiny-b.gguf'}"
 """)
     env = {**isolated_env, "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN}
     with Daemon("--config", str(tmp / "c.toml"), env=env) as d:
@@ -189,9 +199,6 @@ def test_an_mlx_repo_downloads_the_files_it_needs(remote: tuple[Daemon, Path], m
                                     "hf://org/repo/a\\b.gguf", "http://example.com/m.gguf",
                                     "https://user:pw@example.com/m.gguf"])
 def test_unsafe_sources_are_config_errors(tmp_path: Path, source: str, isolated_env: dict[str, str]) -> None:
-    import subprocess
-    import sys
-
     (tmp_path / "c.toml").write_text(f'[models.m]\nsource = "{source}"\n')
     done = subprocess.run([sys.executable, "-m", "router", "serve", "--config", str(tmp_path / "c.toml")],
                           capture_output=True, text=True, timeout=60, cwd=Path(__file__).parent.parent,
@@ -221,3 +228,85 @@ def test_without_a_config_the_builtin_models_are_offered_and_fetched_on_first_us
     for args in (["--models-dir", str(empty), "--no-builtin-models"], ["--config", str(tmp_path / "c.toml")]):
         with Daemon(*args, env=env) as d:
             assert d.models() == {}
+
+
+def test_a_pull_downloads_without_loading_and_delete_removes_the_files(
+        remote: tuple[Daemon, Path], hub: FileServer) -> None:
+    d, cache = remote
+    path = cache / "hf" / "org" / "tiny" / "main" / "pulled.gguf"
+    with httpx.Client(base_url=d.url, timeout=30) as c, c.stream("GET", "/models/sse") as r:
+        feed = events(r)
+        next(feed)
+        pulled = c.post("/models/pull", json={"model": "pulled", "wait": True})
+        assert pulled.status_code == 200, pulled.text
+        assert pulled.json()["cache"] == {"path": str(path), "bytes": path.stat().st_size + len(
+            path.with_name("pulled.gguf.meta.json").read_bytes()), "complete": True}
+        seen = []
+        for e in feed:
+            seen.append(e)
+            if e.get("model") == "pulled" and e["event"] == "download_finished":
+                break
+        assert [e["event"] for e in seen if e.get("model") == "pulled"][-2:] == [
+            "download_progress", "download_finished"]
+        assert d.models()["pulled"]["status"]["value"] == "unloaded"  # pulled, not loaded
+        assert c.post("/models/pull", json={"model": "pulled", "wait": True}).status_code == 200
+        assert complete(d, "pulled").status_code == 200
+        assert len(hub.seen("/org/tiny/resolve/main/pulled.gguf")) == 1  # the cache served the rest
+
+        refused = c.delete("/models", params={"model": "pulled"})
+        assert refused.status_code == 409 and refused.json()["error"]["code"] == "conflict"
+        assert c.post("/models/unload", json={"model": "pulled"}).status_code == 200
+        deleted = c.delete("/models", params={"model": "pulled"})
+        assert deleted.status_code == 200 and str(path) in deleted.json()["removed"]
+        for e in feed:
+            if e.get("model") == "pulled" and e["event"] == "model_remove":
+                assert e["data"]["bytes"] == deleted.json()["bytes"] > 0
+                break
+    assert not path.exists() and d.models()["pulled"]["cache"]["bytes"] == 0
+    with d.client() as c:
+        assert c.delete("/models", params={"model": "local"}).status_code == 400  # not ours to delete
+        assert c.delete("/models", params={"model": "nope"}).status_code == 404
+        assert c.delete("/models").status_code == 400
+        assert c.post("/models/pull", json={"model": "local"}).status_code == 400
+        failed = c.post("/models/pull", json={"model": "missing", "wait": True})
+        assert failed.status_code == 503 and "HTTP 404" in failed.json()["error"]["message"]
+
+
+def test_prune_removes_only_what_no_model_uses(remote: tuple[Daemon, Path]) -> None:
+    d, cache = remote
+    assert complete(d, "checked").status_code == 200  # its files stay
+    strays = [cache / "hf" / "old" / "repo" / "main" / "old.gguf",
+              cache / "https" / "h" / "0" / "x.gguf.part"]
+    for p in strays:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x" * 100)
+    busy = cache / "hf" / "old" / "repo" / "main" / "busy.gguf.part"
+    busy.write_bytes(b"y" * 10)
+    with open(busy.with_name("busy.gguf.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process is downloading it
+        with d.client() as c:
+            r = c.post("/models/prune")
+    assert r.status_code == 200
+    assert sorted(r.json()["removed"]) == sorted(str(p) for p in strays) and r.json()["bytes"] == 200
+    assert busy.exists() and not (cache / "https" / "h").exists()  # emptied folders go too
+    assert (cache / "hf" / "org" / "tiny" / "main" / "checked.gguf").is_file()
+
+
+def test_modelherd_pull_shows_progress_and_prints_the_path(
+        tmp_path: Path, hub: FileServer, models_dir: Path, isolated_env: dict[str, str]) -> None:
+    hub.add("/org/cli/resolve/main/cli.gguf", (models_dir / "tiny-a.gguf").read_bytes())
+    env = {**isolated_env, "HF_ENDPOINT": hub.url, "PATH": "/usr/bin"}
+    repo = Path(__file__).parent.parent
+
+    def pull(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "router", "pull", *args, "--cache-dir", str(tmp_path)],
+                              capture_output=True, text=True, timeout=120, env=env, cwd=repo)
+
+    done = pull("hf://org/cli/cli.gguf")
+    assert done.returncode == 0, done.stderr
+    target = tmp_path / "hf" / "org" / "cli" / "main" / "cli.gguf"
+    assert done.stdout.strip() == str(target) and target.is_file()
+    assert "cli.gguf: 100.0%" in done.stderr
+    missing = pull("hf://org/cli/missing.gguf")
+    assert missing.returncode == 1 and "HTTP 404" in missing.stderr
+    assert pull("no-such-model").returncode == 2

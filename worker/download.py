@@ -1,9 +1,10 @@
-"""Fetching a worker's model before it loads: the source resolved into files, each
-downloaded into the cache by worker.fetch, progress measured as it goes.
+"""Fetching a model into the cache: the source resolved into files, each downloaded by
+worker.fetch, progress measured as it goes.
 
-`run` is the body of the worker's download thread. It reports through a queue:
-Progress items, then one Outcome. The socket thread relays them (throttled) and turns
-a Shutdown into the cancel event, which stops the download between reads.
+`run` is the body of a download thread. It reports through a queue: Progress items,
+then one Outcome. `relay` runs it and passes the progress on (throttled) as protocol
+messages while its caller listens for a cancel: a worker before its load (a Shutdown
+cancels), or `pull`, a process of its own for POST /models/pull and `modelherd pull`.
 """
 
 from __future__ import annotations
@@ -15,18 +16,24 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatch
+from multiprocessing.connection import Connection
 from pathlib import Path
 
+import msgspec
+
 from protocol import sources
-from protocol.messages import Download
+from protocol.errors import ErrorKind
+from protocol.messages import Download, DownloadProgress, LoadFailed
 from worker.fetch import Cancelled, DownloadError, fetch
 
 HF_ENDPOINT = "https://huggingface.co"
 # What an MLX folder needs from its repo (mlx-lm's own list, without *.py: no remote code).
 MLX_FILES = ("*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja")
 LISTING_TIMEOUT_S = 30.0
+PROGRESS_INTERVAL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -115,3 +122,53 @@ def _fetch_one(item: Planned, token: str | None, out: queue.SimpleQueue[Progress
         out.put(Progress(item.dest.name, done, total, rate, eta))
 
     fetch(item.url, item.dest, sha256=item.sha256, token=token, progress=progress, cancel=cancel)
+
+
+def relay(download: Download, send: Callable[[DownloadProgress], None],
+          cancelled: Callable[[float], bool]) -> str | None:
+    """Download on a thread and `send` its progress: each file's first report at once,
+    then at most one per interval, and the last with `finished` once every file is there.
+    `cancelled(wait_s)` waits up to `wait_s` and says whether to stop. Returns None when
+    done, else why not (also when cancelled)."""
+    cancel = threading.Event()
+    events: queue.SimpleQueue[Progress | Outcome] = queue.SimpleQueue()
+    thread = threading.Thread(target=run, args=(download, events, cancel), name="download", daemon=True)
+    thread.start()
+    last: Progress | None = None
+    sent_at = 0.0
+    while True:
+        if cancelled(PROGRESS_INTERVAL_S):
+            cancel.set()
+        outcome = None
+        while not events.empty():
+            item = events.get()
+            if isinstance(item, Outcome):
+                outcome = item
+                continue
+            if last is None or last.file != item.file:  # each file's first report, as it is
+                send(DownloadProgress(item.file, item.downloaded, item.total, item.bytes_per_s, item.eta_s))
+                sent_at = time.monotonic()
+            last = item
+        now = time.monotonic()
+        if last is not None and (outcome is not None or now - sent_at >= PROGRESS_INTERVAL_S):
+            done = outcome is not None and outcome.error is None and not outcome.cancelled
+            send(DownloadProgress(last.file, last.downloaded, last.total, last.bytes_per_s, last.eta_s,
+                                  finished=done))
+            sent_at = now
+        if outcome is not None:
+            thread.join()
+            return "cancelled" if outcome.cancelled else outcome.error
+
+
+def pull(download: Download, conn: Connection) -> None:
+    """A pull's own process: progress to `conn` as msgpack-encoded DownloadProgress, then a
+    LoadFailed if it failed; anything arriving on `conn` (or its closing) cancels."""
+    encode = msgspec.msgpack.Encoder().encode
+
+    def cancelled(wait_s: float) -> bool:
+        return bool(conn.poll(wait_s))
+
+    failure = relay(download, lambda msg: conn.send_bytes(encode(msg)), cancelled)
+    if failure is not None:
+        conn.send_bytes(encode(LoadFailed(ErrorKind.LOAD_FAILED, failure)))
+    conn.close()

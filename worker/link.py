@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import sys
 import threading
 import time
@@ -24,7 +23,6 @@ from protocol.messages import (
     Configure,
     Detach,
     Download,
-    DownloadProgress,
     Heartbeat,
     Hello,
     LoadFailed,
@@ -41,8 +39,7 @@ from protocol.messages import (
     WorkerStatus,
 )
 from worker.backend import make_backend
-from worker.download import Outcome, Progress
-from worker.download import run as run_download
+from worker.download import relay
 from worker.engine import Engine, Sink
 from worker.streams import StreamStore
 
@@ -148,39 +145,15 @@ class Link:
         return None
 
     def _download(self, download: Download) -> str | None:
-        """Fetch the model on a thread while this one relays its progress and listens for a
-        Shutdown; None when every file is in the cache, else why not."""
-        cancel = threading.Event()
-        events: queue.SimpleQueue[Progress | Outcome] = queue.SimpleQueue()
-        thread = threading.Thread(target=run_download, args=(download, events, cancel), name="download",
-                                  daemon=True)
-        thread.start()
-        last: Progress | None = None
-        sent_at = 0.0
-        while True:
-            if self._dealer.poll(int(PROGRESS_INTERVAL_S * 1000)) and isinstance(self._recv()[0], Shutdown):
+        """Fetch the model while listening for a Shutdown (which cancels it); None when
+        every file is in the cache, else why not."""
+
+        def cancelled(wait_s: float) -> bool:
+            if self._dealer.poll(int(wait_s * 1000)) and isinstance(self._recv()[0], Shutdown):
                 self._shutdown_requested = True
-                cancel.set()
-            outcome = None
-            while not events.empty():
-                item = events.get()
-                if isinstance(item, Outcome):
-                    outcome = item
-                    continue
-                if last is None or last.file != item.file:  # each file's first report, as it is
-                    self._send(DownloadProgress(item.file, item.downloaded, item.total, item.bytes_per_s,
-                                                item.eta_s))
-                    sent_at = time.monotonic()
-                last = item
-            now = time.monotonic()
-            if last is not None and (outcome is not None or now - sent_at >= PROGRESS_INTERVAL_S):
-                self._send(DownloadProgress(last.file, last.downloaded, last.total, last.bytes_per_s,
-                                            last.eta_s, finished=outcome is not None and outcome.error is None
-                                            and not outcome.cancelled))
-                sent_at = now
-            if outcome is not None:
-                thread.join()
-                return outcome.error
+            return self._shutdown_requested
+
+        return relay(download, self._send, cancelled)
 
     def _progress_reporter(self) -> Callable[[str, float], bool]:
         last = [0.0]
