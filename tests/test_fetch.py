@@ -13,8 +13,11 @@ from typing import Any
 
 import pytest
 
+from protocol.messages import Download
+from protocol.sources import SourceError
 from tests.fileserver import FileServer, file_server
 from worker import fetch as fetch_module
+from worker.download import plan
 from worker.fetch import Cancelled, DownloadError, fetch
 
 BODY = os.urandom(700_000) + b"end"  # several 64 KiB chunks on the wire, one 1 MiB read
@@ -158,3 +161,23 @@ def test_too_little_disk_space_fails_before_writing(server: FileServer, tmp_path
     with pytest.raises(DownloadError, match="not enough disk space"):
         get(server, tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf.part").exists() or (tmp_path / "m.gguf.part").stat().st_size == 0
+
+
+def test_a_split_gguf_plans_every_shard_beside_the_first(monkeypatch: pytest.MonkeyPatch,
+                                                         tmp_path: Path) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    planned = plan(Download("hf://org/r/sub/m-00001-of-00003.gguf@v2", str(tmp_path), sha256="a" * 64), None)
+    assert [p.url for p in planned] == [f"http://127.0.0.1:9/org/r/resolve/v2/sub/m-0000{i}-of-00003.gguf"
+                                        for i in (1, 2, 3)]
+    assert {p.dest.parent for p in planned} == {tmp_path / "hf" / "org" / "r" / "v2" / "sub"}
+    assert {p.sha256 for p in planned} == {None}  # one checksum cannot name three files
+    single = plan(Download("hf://org/r/m.gguf", str(tmp_path), sha256="b" * 64), None)
+    assert [(p.dest.name, p.sha256) for p in single] == [("m.gguf", "b" * 64)]
+
+
+def test_names_from_a_hub_listing_are_checked_before_they_become_paths(
+        server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    server.add_tree("org/evil", "main", {"../../escape.json": b"{}", "model.safetensors": b"x"})
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    with pytest.raises(SourceError, match="not allowed"):
+        plan(Download("hf://org/evil", str(tmp_path)), None)
