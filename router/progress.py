@@ -1,5 +1,6 @@
-"""The model event feed behind `GET /models/sse`: status changes and load progress of
-every model, fanned out to any number of subscribers.
+"""The model event feed behind `GET /models/sse`: status changes, download and load
+progress of every model (and pulls, cache removals), fanned out to any number of
+subscribers.
 
 Events use llama-server's envelope, one per SSE `data:` line:
 `{"model": name, "event": kind, "data": {...}}`. A subscriber first gets one
