@@ -18,7 +18,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,199}$")
 _SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
@@ -80,6 +80,8 @@ def _parse_url(text: str, allow_insecure_http: bool) -> Remote:
         raise SourceError(f"{redact(text)!r} is not a valid URL: {exc}") from None
     if not host:
         raise SourceError(f"{redact(text)!r} has no host")
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in text):
+        raise SourceError(f"{redact(text)!r}: spaces and control characters must be percent-encoded")
     if url.username or url.password:
         raise SourceError(f"{redact(text)!r}: credentials in the URL are not accepted; "
                           "use HF_TOKEN or a signed query")
@@ -112,7 +114,7 @@ def check_relative(path: str, where: str) -> str:
 
 
 def hf_url(endpoint: str, remote: Remote, file: str) -> str:
-    return f"{endpoint.rstrip('/')}/{remote.repo}/resolve/{remote.revision}/{file}"
+    return f"{endpoint.rstrip('/')}/{remote.repo}/resolve/{quote(remote.revision, safe='')}/{file}"
 
 
 def cache_path(cache_dir: str, remote: Remote) -> PurePosixPath:
@@ -147,11 +149,7 @@ def redact(text: str) -> str:
     """A URL fit for logs, events and errors: no user info, query or fragment."""
     if "://" not in text:
         return text
-    try:
-        url = urlsplit(text)
-        host = url.hostname or ""
-        port = url.port
-    except ValueError:  # a bad port, say: drop everything from the user info on
-        scheme, _, rest = text.partition("://")
-        return f"{scheme}://{rest.split('@')[-1].split('?', 1)[0].split('#', 1)[0]}"
-    return f"{url.scheme}://{host}:{port}{url.path}" if port else f"{url.scheme}://{host}{url.path}"
+    scheme, _, rest = text.partition("://")
+    rest = rest.split("?", 1)[0].split("#", 1)[0]
+    host, slash, path = rest.partition("/")
+    return f"{scheme}://{host.rsplit('@', 1)[-1]}{slash}{path}"  # the host as written

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,8 +44,7 @@ def info(entry: ModelEntry) -> CacheInfo | None:
     if entry.worker.download is None:
         return None
     size = sum(_size(p) for p in _all_files(entry))
-    complete = all(_complete(p) for p in main_files(entry))
-    return CacheInfo(str(entry.path), size, complete)
+    return CacheInfo(str(entry.path), size, all(_complete(p) for p in main_files(entry)))
 
 
 class Busy(Exception):
@@ -53,24 +52,31 @@ class Busy(Exception):
 
 
 def remove(entry: ModelEntry) -> tuple[list[str], int]:
-    """Delete a downloaded model's files and sidecars; (what was removed, bytes freed)."""
-    bases = main_files(entry) if entry.backend != "mlx" else [_base(p) for p in _all_files(entry)]
-    if any(_locked(base) for base in bases):
-        raise Busy(f"model {entry.name!r}: its files are being downloaded (by a pull, a load, or "
-                   "another modelherd); try again when that is done")
-    removed, freed = [], 0
-    for path in _all_files(entry):
-        if path.is_symlink() or path.is_file():
-            freed += _size(path)
-            path.unlink(missing_ok=True)
-            removed.append(str(path))
-    if entry.backend == "mlx" and entry.path.is_dir():
-        shutil.rmtree(entry.path, ignore_errors=True)
+    """Delete a downloaded model's files and sidecars; (what was removed, bytes freed).
+
+    The download locks of its files are held meanwhile, so a load that starts now waits
+    and then fetches them again. The lock files themselves stay: deleting one under a
+    process waiting on it would let two downloaders in."""
+    bases = main_files(entry) if entry.backend != "mlx" else sorted(
+        {_base(p) for p in _all_files(entry)} | {entry.path})
+    with _holding(bases, entry.name):
+        removed, freed = [], 0
+        for path in _all_files(entry):
+            if path.name.endswith(".lock"):
+                continue
+            if path.is_symlink() or path.is_file():
+                freed += _size(path)
+                path.unlink(missing_ok=True)
+                removed.append(str(path))
+    if entry.backend == "mlx":
+        _prune_dirs(entry.path)
     return removed, freed
 
 
 def prune(cache_dir: Path, entries: list[ModelEntry]) -> tuple[list[str], int]:
-    """Delete cached files that none of `entries` uses; files being downloaded stay."""
+    """Delete downloaded files that none of `entries` uses. Only modelherd's own files are
+    touched: under `hf/` and `https/`, with a download's sidecar; files being downloaded,
+    and lock files, stay."""
     keep: set[Path] = set()
     keep_dirs: list[Path] = []
     for entry in entries:
@@ -81,36 +87,45 @@ def prune(cache_dir: Path, entries: list[ModelEntry]) -> tuple[list[str], int]:
         else:
             keep |= set(main_files(entry))
     removed, freed = [], 0
-    for root, dirs, files in os.walk(cache_dir, topdown=False):  # symlinked dirs are not entered
-        here = Path(root)
-        for name in files:
-            path = here / name
-            base = _base(path)
-            if base in keep or any(d == base or d in base.parents for d in keep_dirs):
-                continue
-            if _locked(base):
-                continue  # a download is under way: not ours to take
-            freed += _size(path)
-            path.unlink(missing_ok=True)
-            removed.append(str(path))
-        for name in dirs:
-            with contextlib.suppress(OSError):
-                (here / name).rmdir()  # only when empty
+    for top in (cache_dir / "hf", cache_dir / "https"):
+        if top.is_symlink() or not top.is_dir():
+            continue
+        for root, _dirs, files in os.walk(top):  # symlinked dirs are not entered
+            here = Path(root)
+            for name in files:
+                path = here / name
+                base = _base(path)
+                if path.name.endswith(".lock") or base in keep or any(
+                        d == base or d in base.parents for d in keep_dirs):
+                    continue
+                if not _ours(base) or _locked(base):
+                    continue  # not a download's, or a download is under way
+                freed += _size(path)
+                path.unlink(missing_ok=True)
+                removed.append(str(path))
+        _prune_dirs(top, keep_top=True)
     return sorted(removed), freed
 
 
 def _all_files(entry: ModelEntry) -> list[Path]:
     if entry.backend == "mlx":
-        return sorted(p for p in entry.path.rglob("*") if p.is_file()) if entry.path.is_dir() else []
-    return [p.with_name(p.name + s) for p in main_files(entry) for s in ("", *SIDECARS)]
+        inside = sorted(p for p in entry.path.rglob("*") if p.is_file()) if entry.path.is_dir() else []
+        return [*inside, _sidecar(entry.path, ".meta.json")]
+    return [_sidecar(p, s) for p in main_files(entry) for s in ("", *SIDECARS)]
 
 
 def _complete(path: Path) -> bool:
-    if path.is_dir():  # an MLX folder: whole when no file in it is still partial
-        files = list(path.rglob("*"))
-        return any(p.name.endswith(".meta.json") for p in files) and not any(
-            p.name.endswith(".part") for p in files)
-    return path.is_file() and path.with_name(path.name + ".meta.json").is_file()
+    """A file, or an MLX folder (whole once its own .meta.json is written)."""
+    return path.exists() and _sidecar(path, ".meta.json").is_file()
+
+
+def _ours(base: Path) -> bool:
+    """A download's file: some sidecar of it exists (a stray file is never ours to delete)."""
+    return any(_sidecar(base, s).exists() for s in SIDECARS)
+
+
+def _sidecar(path: Path, suffix: str) -> Path:
+    return path.with_name(path.name + suffix) if suffix else path
 
 
 def _base(path: Path) -> Path:
@@ -120,8 +135,29 @@ def _base(path: Path) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _holding(bases: list[Path], name: str) -> Iterator[None]:
+    held = []
+    try:
+        for base in bases:
+            lock = _sidecar(base, ".lock")
+            if not lock.is_file():
+                continue
+            f = open(lock, "a")  # closed below, after the deletes
+            held.append(f)
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise Busy(f"model {name!r}: its files are being downloaded (by a pull, a load, "
+                           "or another modelherd); try again when that is done") from None
+        yield
+    finally:
+        for f in held:
+            f.close()  # closing releases the lock
+
+
 def _locked(base: Path) -> bool:
-    lock = base.with_name(base.name + ".lock")
+    lock = _sidecar(base, ".lock")
     if not lock.is_file():
         return False
     with open(lock, "a") as f:
@@ -131,6 +167,19 @@ def _locked(base: Path) -> bool:
             return True
         fcntl.flock(f, fcntl.LOCK_UN)
     return False
+
+
+def _prune_dirs(top: Path, keep_top: bool = False) -> None:
+    """Remove the empty folders under `top` (and `top` itself unless kept)."""
+    if not top.is_dir() or top.is_symlink():
+        return
+    for root, dirs, _files in os.walk(top, topdown=False):
+        for name in dirs:
+            with contextlib.suppress(OSError):
+                (Path(root) / name).rmdir()  # only when empty
+    if not keep_top:
+        with contextlib.suppress(OSError):
+            top.rmdir()
 
 
 def _size(path: Path) -> int:

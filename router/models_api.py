@@ -8,6 +8,7 @@ backend (llama_cpp | mlx) and, once loaded, its device (cpu | cuda | metal).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -61,7 +62,8 @@ def _created(slot: Slot) -> int:
         return 0
 
 
-def model_entry(pool: Pool, slot: Slot) -> dict[str, Any]:
+def model_entry(pool: Pool, slot: Slot, cache: cachefiles.CacheInfo | None) -> dict[str, Any]:
+    """One model as /models shows it; `cache` from cachefiles.info (read off the loop)."""
     entry = slot.entry
     policy = entry.policy
     out: dict[str, Any] = {
@@ -85,8 +87,7 @@ def model_entry(pool: Pool, slot: Slot) -> dict[str, Any]:
         "max_queue": policy.max_queue,
         "memory": {"estimate": slot.estimate.total if slot.estimate else None, "rss": pool.rss(slot)},
     }
-    cache = cachefiles.info(entry)  # where a download's files are, and how far it got
-    out["cache"] = cache.json() if cache is not None else None
+    out["cache"] = cache.json() if cache is not None else None  # a download's files, how far it got
     info = slot.info if slot.status is ModelStatus.LOADED else None
     # Where it runs, and why not on the device it preferred (e.g. a build without GPU).
     out["device"] = info.device if info is not None else None
@@ -119,7 +120,10 @@ def routes(pool: Pool) -> list[Route]:
         return JSONResponse({"object": "list", "data": data})
 
     async def list_router(request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [model_entry(pool, s) for s in pool.slots()]})
+        slots = pool.slots()
+        caches = await asyncio.to_thread(lambda: [cachefiles.info(s.entry) for s in slots])
+        return JSONResponse({"object": "list", "data": [model_entry(pool, s, c) for s, c in zip(
+            slots, caches, strict=True)]})
 
     async def load(request: Request) -> Response:
         ref = await model_ref(request)
@@ -135,7 +139,8 @@ def routes(pool: Pool) -> list[Route]:
                 pool.start_load(slot)  # a no-op load if it is already loaded
         except PoolError as exc:
             return error_response(exc.kind, exc.message, retry_after=exc.retry_after)
-        return JSONResponse({"success": True, "model": model_entry(pool, slot)})
+        cache = await asyncio.to_thread(cachefiles.info, slot.entry)
+        return JSONResponse({"success": True, "model": model_entry(pool, slot, cache)})
 
     async def unload(request: Request) -> Response:
         ref = await model_ref(request)

@@ -332,8 +332,8 @@ class Pool:
             fut.set_result(None)
 
     def _begin_load(self, slot: Slot, evictions: list[asyncio.Task[None]]) -> asyncio.Task[WorkerHandle]:
+        slot.reset_progress()  # first: the status change is reported without the old load's
         slot.status = ModelStatus.LOADING  # holds its place from now, even while victims stop
-        slot.stage, slot.progress = "", 0.0
         task = asyncio.create_task(self._load(slot, evictions), name=f"load:{slot.entry.name}")
         slot.load_task = task
         task.add_done_callback(self._load_finished)

@@ -148,7 +148,8 @@ class ModelEvents:
         name = slot.entry.name
         if what == "status":
             self._flush_model(name)  # progress held back goes out before the change
-            if slot.status is ModelStatus.FAILED and self._downloading.pop(name, False):
+            was_downloading = slot.status is not ModelStatus.LOADING and self._downloading.pop(name, False)
+            if slot.status is ModelStatus.FAILED and was_downloading:
                 self.publish(name, "download_failed", model_state(slot))
             self.publish(name, "status_change", model_state(slot))
         elif slot.download is not None:

@@ -46,6 +46,10 @@ class PullProcess:
         except OSError:
             pass
 
+    def terminate(self) -> None:
+        """For a pull stuck in a read: its end of the pipe closes, and recv returns None."""
+        self._proc.terminate()
+
     def finish(self, grace: float = CANCEL_GRACE_S) -> int | None:
         self._proc.join(grace)
         if self._proc.is_alive():
@@ -56,18 +60,17 @@ class PullProcess:
 
 
 def outcome(proc: PullProcess, on_progress: Callable[[DownloadProgress], None]) -> str | None:
-    """Read a pull to its end (blocking): None when every file is in the cache, else why not."""
-    failure: str | None = "the download process ended without finishing"
+    """Read a pull to its end (blocking): None when every file is in the cache, else why not.
+    (Files already cached report no progress at all.)"""
+    failure: str | None = None
     while (msg := proc.recv()) is not None:
         if isinstance(msg, LoadFailed):
             failure = msg.message
         else:
             on_progress(msg)
-            if msg.finished:
-                failure = None
     code = proc.finish()
-    if failure is not None and code not in (0, None):
-        failure += f" (exit code {code})"
+    if failure is None and code != 0:
+        failure = f"the download process ended with exit code {code}"
     return failure
 
 
@@ -107,7 +110,16 @@ class Pulls:
             log.warning("pulling %s failed: %s", name, failure)
             self._events.publish(name, "download_failed", {"message": str(failure)})
 
-    async def close(self) -> None:
-        for proc, _ in list(self._running.values()):
+    async def close(self, grace: float = CANCEL_GRACE_S) -> None:
+        """Cancel every pull; one that does not stop within `grace` (a read can wait for
+        the socket's timeout) is terminated. Partial files stay for a resume."""
+        running = list(self._running.values())
+        for proc, _ in running:
             proc.cancel()
-        await asyncio.gather(*(t for _, t in self._running.values()), return_exceptions=True)
+        tasks = [t for _, t in running]
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=grace)
+            for proc, task in running:
+                if task in late:
+                    proc.terminate()
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -123,10 +123,14 @@ class Slot:
             if self.watcher is not None:
                 self.watcher(self, "status")
 
+    def reset_progress(self) -> None:
+        """A new load begins: nothing of the last one's progress holds."""
+        self.stage, self.progress, self.download = "", 0.0, None
+
     def report_progress(self, msg: LoadProgress | DownloadProgress) -> None:
         if isinstance(msg, DownloadProgress):
             self.download = msg
-            self.stage = "download"
+            self.stage = "" if msg.finished else "download"  # then it loads
             self.progress = msg.downloaded / msg.total if msg.total else 0.0
         else:
             self.download = None

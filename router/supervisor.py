@@ -71,6 +71,8 @@ class WorkerProcess:
         self._log_buf = b""
         self._hello: asyncio.Future[Hello] | None = None
         self._ready: asyncio.Future[ModelInfo] | None = None
+        self._deadline: asyncio.Timeout | None = None  # of the load, while it runs
+        self._load_timeout = 0.0
         self._exited = asyncio.Event()
         self._reaper: asyncio.Task[None] | None = None
         self._spawning: asyncio.Task[None] | None = None
@@ -90,6 +92,7 @@ class WorkerProcess:
 
     async def start(self, load_timeout: float) -> ModelInfo:
         """Spawn, handshake and load; raises WorkerStartError with the reason."""
+        self._load_timeout = load_timeout
         loop = asyncio.get_running_loop()
         self._hello = loop.create_future()
         self._ready = loop.create_future()
@@ -109,10 +112,14 @@ class WorkerProcess:
                                              name=f"spawn:{self.config.name}")
         await asyncio.shield(self._spawning)
         try:
-            return await asyncio.wait_for(self._handshake(), load_timeout)
+            # A download counts only while it stalls: each progress report moves the
+            # deadline (a large model on a slow link may take longer than a load may).
+            async with asyncio.timeout(load_timeout) as self._deadline:
+                return await self._handshake()
         except TimeoutError:
             await self.stop(grace=0)
-            raise WorkerStartError(f"worker did not become ready within {load_timeout:.0f} s") from None
+            raise WorkerStartError(f"worker did not become ready within {load_timeout:.0f} s "
+                                   "(or its download stalled that long)") from None
         except WorkerStartError:
             # After LoadFailed the worker exits by itself: its own exit code says more
             # than the SIGTERM's would. (It may have closed its socket already, so no
@@ -164,6 +171,8 @@ class WorkerProcess:
         if isinstance(msg, Hello) and self._hello and not self._hello.done():
             self._hello.set_result(msg)
         elif isinstance(msg, LoadProgress | DownloadProgress):
+            if isinstance(msg, DownloadProgress) and self._deadline is not None and self._load_timeout:
+                self._deadline.reschedule(asyncio.get_running_loop().time() + self._load_timeout)
             self._on_progress(msg)
         elif isinstance(msg, Ready) and self._ready and not self._ready.done():
             self._ready.set_result(msg.info)

@@ -20,6 +20,7 @@ class Served:
     statuses: list[int] = field(default_factory=list)  # answered first, one per request
     cut_at: int | None = None  # the next full answer stops after this many bytes
     chunk_delay: float = 0.0  # seconds between 64 KiB chunks
+    no_length: bool = False  # no Content-Length: the body ends when the connection closes
 
 
 @dataclass
@@ -69,7 +70,10 @@ class FileServer:
                     self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
                 else:
                     self.send_response(200)
-                self.send_header("Content-Length", str(len(body) - start))
+                if served.no_length:
+                    self.close_connection = True
+                else:
+                    self.send_header("Content-Length", str(len(body) - start))
                 self.send_header("ETag", served.etag)
                 if served.linked_etag:
                     self.send_header("X-Linked-Etag", served.linked_etag)

@@ -43,6 +43,7 @@ def remote(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, hub: File
     hub.add("/org/tiny/resolve/main/shared.gguf", gguf, chunk_delay=0.05)
     hub.add("/plain/file.gguf", gguf)
     hub.add("/org/tiny/resolve/main/pulled.gguf", gguf)
+    hub.add("/org/tiny/resolve/main/twice.gguf", gguf, chunk_delay=0.05)
     mlx_files = {p.name: p.read_bytes() for p in (models_dir / "tiny-mlx").iterdir()}
     hub.add_tree("org/tiny-mlx", "main", mlx_files)
     cache = tmp / "cache"
@@ -82,6 +83,9 @@ source = "hf://org/tiny/pulled.gguf"
 
 [models.local]
 source = "{models_dir / 'tiny-b.gguf'}"
+
+[models.twice]
+source = "hf://org/tiny/twice.gguf"
 """)
     env = {**isolated_env, "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN}
     with Daemon("--config", str(tmp / "c.toml"), env=env) as d:
@@ -160,7 +164,13 @@ def test_unloading_a_downloading_model_cancels_it_and_a_later_load_resumes(
     held = part.stat().st_size
     assert 0 < held < len(hub.files["/org/tiny/resolve/main/slow.gguf"].body)
     hub.files["/org/tiny/resolve/main/slow.gguf"].chunk_delay = 0
-    assert complete(d, "slow").status_code == 200
+    with httpx.Client(base_url=d.url, timeout=30) as c, c.stream("GET", "/models/sse") as r:
+        feed = events(r)
+        next(feed)
+        assert c.post("/models/load", json={"model": "slow"}).status_code == 200
+        seen = until(feed, "slow", "loaded")
+    statuses = [e["data"]["status"] for e in seen if e["event"] == "status_change"]
+    assert statuses == ["loading", "downloading", "loading", "loaded"]  # nothing left of the last try
     assert hub.seen("/org/tiny/resolve/main/slow.gguf")[-1].headers["range"] == f"bytes={held}-"
 
 
@@ -181,18 +191,25 @@ def test_an_https_source_keeps_its_query_out_of_sight(remote: tuple[Daemon, Path
     d, _ = remote
     assert complete(d, "plain").status_code == 200
     assert hub.seen("/plain/file.gguf")[0].path.endswith("?signature=secret-signature")
+    assert "authorization" not in hub.seen("/plain/file.gguf")[0].headers  # HF_TOKEN is for the hub only
     entry: dict[str, Any] = d.models()["plain"]
     assert entry["source"] == f"{hub.url}/plain/file.gguf"
     assert "/https/127.0.0.1_" in entry["path"] and entry["path"].endswith("/file.gguf")
 
 
-def test_an_mlx_repo_downloads_the_files_it_needs(remote: tuple[Daemon, Path], models_dir: Path) -> None:
+def test_an_mlx_repo_downloads_the_files_it_needs(remote: tuple[Daemon, Path], models_dir: Path,
+                                                  hub: FileServer) -> None:
     d, cache = remote
     assert d.models()["mlx-remote"]["backend"] == "mlx"
     assert complete(d, "mlx-remote").status_code == 200
     folder = cache / "hf" / "org" / "tiny-mlx" / "main"
     expected = {p.name for p in (models_dir / "tiny-mlx").iterdir()}
     assert {p.name for p in folder.iterdir() if not p.name.endswith((".lock", ".meta.json"))} == expected
+    # Fetched whole once, it loads again with the hub out of reach.
+    hub.files["/api/models/org/tiny-mlx/tree/main"].statuses = [503] * 10
+    with d.client() as c:
+        assert c.post("/models/unload", json={"model": "mlx-remote"}).status_code == 200
+    assert complete(d, "mlx-remote").status_code == 200
 
 
 @pytest.mark.parametrize("source", ["hf://org/../etc/passwd", "hf://org/repo/%2e%2e/x.gguf",
@@ -215,12 +232,16 @@ def test_without_a_config_the_builtin_models_are_offered_and_fetched_on_first_us
     env = {**isolated_env, "HF_ENDPOINT": hub.url}
     empty = tmp_path / "empty"
     empty.mkdir()
-    with Daemon("--models-dir", str(empty), "--cache-dir", str(tmp_path / "cache"), env=env) as d:
+    local = tmp_path / "local"
+    local.mkdir()
+    shutil.copy(models_dir / "tiny-b.gguf", local / "qwen2.5-1.5b-instruct.gguf")
+    with Daemon("--models-dir", str(local), "--cache-dir", str(tmp_path / "cache"), env=env) as d:
         with d.client() as c:
             ids = {m["id"] for m in c.get("/v1/models").json()["data"]}
         assert {"qwen2.5-0.5b-instruct", "qwen2.5-1.5b-instruct"} <= ids
         entry = d.models()["qwen2.5-0.5b-instruct"]
         assert entry["origin"] == "builtin" and entry["status"]["value"] == "unloaded"
+        assert d.models()["qwen2.5-1.5b-instruct"]["origin"] == "models_dir"  # a local file wins
         assert complete(d, "qwen2.5-0.5b-instruct").status_code == 200
     assert (tmp_path / "cache" / "hf" / "Qwen" / "Qwen2.5-0.5B-Instruct-GGUF" / "main"
             / "qwen2.5-0.5b-instruct-q4_k_m.gguf").is_file()
@@ -280,6 +301,11 @@ def test_prune_removes_only_what_no_model_uses(remote: tuple[Daemon, Path]) -> N
     for p in strays:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"x" * 100)
+    for p in strays:  # downloads leave a sidecar beside what they fetched
+        p.with_name(p.name.removesuffix(".part") + ".meta.json").write_text("{}")
+    notes = [cache / "my-notes.txt", cache / "hf" / "notes.txt"]  # not ours: never touched
+    for p in notes:
+        p.write_text("keep me")
     busy = cache / "hf" / "old" / "repo" / "main" / "busy.gguf.part"
     busy.write_bytes(b"y" * 10)
     with open(busy.with_name("busy.gguf.lock"), "a") as lock:
@@ -287,7 +313,9 @@ def test_prune_removes_only_what_no_model_uses(remote: tuple[Daemon, Path]) -> N
         with d.client() as c:
             r = c.post("/models/prune")
     assert r.status_code == 200
-    assert sorted(r.json()["removed"]) == sorted(str(p) for p in strays) and r.json()["bytes"] == 200
+    meta = [p.with_name(p.name.removesuffix(".part") + ".meta.json") for p in strays]
+    assert sorted(r.json()["removed"]) == sorted(str(p) for p in [*strays, *meta])
+    assert r.json()["bytes"] == 200 + 2 * 2 and all(p.read_text() == "keep me" for p in notes)
     assert busy.exists() and not (cache / "https" / "h").exists()  # emptied folders go too
     assert (cache / "hf" / "org" / "tiny" / "main" / "checked.gguf").is_file()
 
@@ -310,3 +338,71 @@ def test_modelherd_pull_shows_progress_and_prints_the_path(
     missing = pull("hf://org/cli/missing.gguf")
     assert missing.returncode == 1 and "HTTP 404" in missing.stderr
     assert pull("no-such-model").returncode == 2
+
+
+def test_two_pulls_make_one_download_and_delete_waits_for_it(remote: tuple[Daemon, Path],
+                                                             hub: FileServer) -> None:
+    d, cache = remote
+    lock = cache / "hf" / "org" / "tiny" / "main" / "twice.gguf.lock"
+    results: list[int] = []
+
+    def pull() -> None:
+        with d.client() as c:
+            results.append(c.post("/models/pull", json={"model": "twice", "wait": True}).status_code)
+
+    threads = [threading.Thread(target=pull) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == [200, 200] and len(hub.seen("/org/tiny/resolve/main/twice.gguf")) == 1
+    with open(lock, "a") as held, d.client() as c:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another modelherd is downloading it
+        busy = c.delete("/models", params={"model": "twice"})
+    assert busy.status_code == 409 and "being downloaded" in busy.json()["error"]["message"]
+    with d.client() as c:
+        assert c.delete("/models", params={"model": "twice"}).status_code == 200
+    assert lock.exists()  # a lock file stays: someone may be waiting on it
+
+
+def test_a_download_is_not_held_to_the_load_timeout_while_it_moves(
+        tmp_path: Path, hub: FileServer, models_dir: Path, isolated_env: dict[str, str]) -> None:
+    # About 8 chunks 0.4 s apart: 3 s in all, against a 1.5 s load timeout.
+    hub.add("/org/tiny/resolve/main/crawl.gguf", (models_dir / "tiny-a.gguf").read_bytes(), chunk_delay=0.4)
+    (tmp_path / "c.toml").write_text(f"""
+[server]
+models_dirs = []
+cache_dir = "{tmp_path / 'cache'}"
+load_timeout = 1.5
+
+[models.crawl]
+source = "hf://org/tiny/crawl.gguf"
+""")
+    with Daemon("--config", str(tmp_path / "c.toml"), env={**isolated_env, "HF_ENDPOINT": hub.url}) as d:
+        assert complete(d, "crawl").status_code == 200
+
+
+def test_a_stalled_pull_does_not_hold_up_the_daemons_stop(
+        tmp_path: Path, hub: FileServer, models_dir: Path, isolated_env: dict[str, str]) -> None:
+    hub.add("/org/tiny/resolve/main/stall.gguf", (models_dir / "tiny-a.gguf").read_bytes(), chunk_delay=600)
+    (tmp_path / "c.toml").write_text(f"""
+[server]
+models_dirs = []
+cache_dir = "{tmp_path / 'cache'}"
+
+[models.stall]
+source = "hf://org/tiny/stall.gguf"
+""")
+    d = Daemon("--config", str(tmp_path / "c.toml"), env={**isolated_env, "HF_ENDPOINT": hub.url}).start()
+    try:
+        mark = d.mark()
+        with d.client() as c:
+            assert c.post("/models/pull", json={"model": "stall"}).status_code == 200
+        part = tmp_path / "cache" / "hf" / "org" / "tiny" / "main" / "stall.gguf.part"
+        d.wait_until(lambda: part.exists() and part.stat().st_size > 0, "the pull got its first bytes")
+        assert d.stop(timeout=20) == 0  # not the socket's 30 s timeout
+        assert any("pulling stall failed" in line for line in d.lines[mark:])
+        assert part.stat().st_size > 0  # kept for a resume
+    finally:
+        if d.proc is not None and d.proc.poll() is None:
+            d.proc.kill()

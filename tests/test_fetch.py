@@ -104,7 +104,7 @@ def test_a_404_fails_at_once_and_a_500_is_retried(server: FileServer, tmp_path: 
     assert get(server, tmp_path / "m.gguf")[0].sha256 == sha(BODY)
     assert len(server.seen("/m.gguf")) == 3
     server.add("/down.gguf", BODY, statuses=[500] * 3)
-    with pytest.raises(DownloadError, match="failed after 3 attempts: HTTP 500"):
+    with pytest.raises(DownloadError, match="failed after 3 attempts in a row: HTTP 500"):
         get(server, tmp_path / "down.gguf", path="/down.gguf", attempts=3)
 
 
@@ -181,3 +181,27 @@ def test_names_from_a_hub_listing_are_checked_before_they_become_paths(
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     with pytest.raises(SourceError, match="not allowed"):
         plan(Download("hf://org/evil", str(tmp_path)), None)
+
+
+def test_a_cancel_cuts_the_backoff_short(server: FileServer, tmp_path: Path) -> None:
+    server.add("/m.gguf", BODY, statuses=[500])
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled):  # not after a minute's backoff
+        fetch(server.url + "/m.gguf", tmp_path / "m.gguf", progress=lambda d, t: None, cancel=cancel,
+              backoff_first=60)
+
+
+def test_a_cached_file_is_fetched_again_for_another_checksum(server: FileServer, tmp_path: Path) -> None:
+    server.add("/m.gguf", BODY)
+    get(server, tmp_path / "m.gguf", sha256=sha(BODY))
+    with pytest.raises(DownloadError, match="checksum mismatch"):
+        get(server, tmp_path / "m.gguf", sha256=sha(b"another"))
+    assert len(server.seen("/m.gguf")) == 2
+
+
+def test_a_body_of_unknown_length_needs_a_checksum(server: FileServer, tmp_path: Path) -> None:
+    server.add("/m.gguf", BODY, no_length=True)
+    with pytest.raises(DownloadError, match="no Content-Length; set the model's sha256"):
+        get(server, tmp_path / "m.gguf")
+    assert get(server, tmp_path / "m.gguf", sha256=sha(BODY))[0].size == len(BODY)

@@ -22,6 +22,7 @@ def test_hf_sources_name_a_file_or_a_folder_at_a_revision() -> None:
     "hf://org/repo/sub//x.gguf", "hf:///etc/passwd", "hf://org/repo/.hidden", "hf://org/repo/x y.gguf",
     "hf://org/repo/x.gguf@../main", "http://example.com/m.gguf", "https://u:p@example.com/m.gguf",
     "https:///m.gguf", "https://example.com:99999/m.gguf", "ftp://example.com/m.gguf",
+    "https://example.com/m.gguf?sig=a b", "https://example.com/m\n.gguf",
 ])
 def test_unsafe_or_unsupported_sources_are_refused(bad: str) -> None:
     with pytest.raises(SourceError) as info:
@@ -47,6 +48,7 @@ def test_url_layout_uses_a_digest_and_a_checked_name() -> None:
 
 def test_redaction_keeps_scheme_host_and_path_only() -> None:
     assert redact("https://user:secret@host:8443/p/m.gguf?token=abc#frag") == "https://host:8443/p/m.gguf"
+    assert redact("http://[::1]:8000/M.gguf?x=1") == "http://[::1]:8000/M.gguf"
     assert redact("hf://org/repo/m.gguf") == "hf://org/repo/m.gguf"
     assert redact("/local/path") == "/local/path"
 

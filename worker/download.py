@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatch
 from multiprocessing.connection import Connection
 from pathlib import Path
+from urllib.parse import quote
 
 import msgspec
 
@@ -41,6 +42,7 @@ class Planned:
     url: str
     dest: Path
     sha256: str | None
+    hub: bool  # HF_TOKEN goes to the hub only, never to an https:// source's host
 
 
 @dataclass(frozen=True)
@@ -61,8 +63,10 @@ class Outcome:
 def run(download: Download, out: queue.SimpleQueue[Progress | Outcome], cancel: threading.Event) -> None:
     token = os.environ.get("HF_TOKEN") or None
     try:
-        for item in plan(download, token):
-            _fetch_one(item, token, out, cancel)
+        planned = plan(download, token)
+        for item in planned:
+            _fetch_one(item, token if item.hub else None, out, cancel)
+        _mark_folder(download, planned)
     except Cancelled:
         out.put(Outcome(None, cancelled=True))
     except (DownloadError, sources.SourceError) as exc:
@@ -77,21 +81,42 @@ def plan(download: Download, token: str | None) -> list[Planned]:
     remote = sources.parse(download.source, download.allow_insecure_http)
     target = Path(sources.cache_path(download.cache_dir, remote))
     if remote.kind == "https":
-        return [Planned(remote.url, target, download.sha256)]
+        return [Planned(remote.url, target, download.sha256, hub=False)]
     endpoint = os.environ.get("HF_ENDPOINT") or HF_ENDPOINT
     if remote.file is not None:
         names = sources.shard_names(remote.file)
         base = target.parent
         sha = download.sha256 if len(names) == 1 else None  # one checksum names one file
-        return [Planned(sources.hf_url(endpoint, remote, n), base / Path(n).name, sha) for n in names]
+        return [Planned(sources.hf_url(endpoint, remote, n), base / Path(n).name, sha, hub=True)
+                for n in names]
+    if _folder_meta(target).is_file():
+        return []  # fetched whole before: no need to ask the hub (which may be out of reach)
     names = [n for n in _hub_files(endpoint, remote, token) if any(fnmatch(n, p) for p in MLX_FILES)]
     if not any(n.endswith(".safetensors") for n in names):
         raise DownloadError(f"{remote.text}: the repo has no *.safetensors files to serve as an MLX model")
-    return [Planned(sources.hf_url(endpoint, remote, n), target / n, None) for n in names]
+    return [Planned(sources.hf_url(endpoint, remote, n), target / n, None, hub=True) for n in names]
+
+
+def _folder_meta(folder: Path) -> Path:
+    return folder.with_name(folder.name + ".meta.json")
+
+
+def _mark_folder(download: Download, planned: list[Planned]) -> None:
+    """Record that a repo folder is whole, with the files it got."""
+    remote = sources.parse(download.source, download.allow_insecure_http)
+    if not remote.is_folder or not planned:
+        return
+    folder = Path(sources.cache_path(download.cache_dir, remote))
+    meta = {"source": remote.text, "files": sorted(str(p.dest.relative_to(folder)) for p in planned),
+            "completed": time.time()}
+    tmp = _folder_meta(folder).with_name(_folder_meta(folder).name + ".tmp")
+    tmp.write_text(json.dumps(meta))
+    os.replace(tmp, _folder_meta(folder))
 
 
 def _hub_files(endpoint: str, remote: sources.Remote, token: str | None) -> list[str]:
-    url = f"{endpoint.rstrip('/')}/api/models/{remote.repo}/tree/{remote.revision}"
+    revision = quote(remote.revision, safe="")
+    url = f"{endpoint.rstrip('/')}/api/models/{remote.repo}/tree/{revision}?recursive=true"
     request = urllib.request.Request(url, headers={"User-Agent": "modelherd"})
     if token:
         request.add_unredirected_header("Authorization", f"Bearer {token}")
@@ -137,7 +162,9 @@ def relay(download: Download, send: Callable[[DownloadProgress], None],
     last: Progress | None = None
     sent_at = 0.0
     while True:
-        if cancelled(PROGRESS_INTERVAL_S):
+        if cancel.is_set():
+            thread.join(PROGRESS_INTERVAL_S)  # stopping: wait for the thread, not the caller
+        elif cancelled(PROGRESS_INTERVAL_S):
             cancel.set()
         outcome = None
         while not events.empty():

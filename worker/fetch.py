@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from protocol.sources import redact
 
@@ -68,24 +69,31 @@ def fetch(url: str, dest: Path, *, sha256: str | None = None, token: str | None 
     with _locked(dest, cancel):
         done = _cached(dest, sha256)
         if done is not None:
-            progress(done.size, done.size)
-            return done
+            return done  # no progress to report: nothing is downloaded
         delay = backoff_first
-        for attempt in range(1, attempts + 1):
+        failed = 0
+        while True:
             try:
                 return _attempt(url, dest, sha256, token, progress, cancel, timeout)
             except _Retry as exc:
-                if attempt == attempts:
-                    raise DownloadError(f"downloading {redact(url)} failed after {attempts} attempts: "
-                                        f"{exc}") from None
+                # Attempts count in a row: one that got bytes through starts the count over.
+                failed = 1 if exc.progressed else failed + 1
+                if failed >= attempts:
+                    raise DownloadError(f"downloading {redact(url)} failed after {attempts} attempts "
+                                        f"in a row: {exc}") from None
+                if exc.progressed:
+                    delay = backoff_first
                 if cancel.wait(delay):  # the backoff, cut short by a cancel
                     raise Cancelled from None
                 delay = min(delay * 2, BACKOFF_MAX_S)
-    raise AssertionError("unreachable")
 
 
 class _Retry(Exception):
     """A failure worth another attempt: a timeout, a reset, a 5xx."""
+
+    def __init__(self, message: str, progressed: bool = False) -> None:
+        super().__init__(message)
+        self.progressed = progressed
 
 
 def _attempt(url: str, dest: Path, sha256: str | None, token: str | None, progress: Progress,
@@ -101,8 +109,9 @@ def _attempt(url: str, dest: Path, sha256: str | None, token: str | None, progre
     if offset and validator:
         request.add_header("Range", f"bytes={offset}-")
         request.add_header("If-Range", validator)
+    redirects = _Redirects()
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)
+        response = urllib.request.build_opener(redirects).open(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
         exc.close()
         if exc.code == 416:  # the range is past the end: what we hold is not this file
@@ -114,6 +123,8 @@ def _attempt(url: str, dest: Path, sha256: str | None, token: str | None, progre
         if exc.code in (401, 403):
             hint = " (for a gated or private Hugging Face model, set HF_TOKEN to a token with access)"
         raise DownloadError(f"downloading {redact(url)} failed: HTTP {exc.code} {exc.reason}{hint}") from None
+    except http.client.InvalidURL:
+        raise DownloadError(f"{redact(url)} is not a valid URL") from None
     except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
         raise _Retry(_reason(exc)) from None
     with response:
@@ -125,13 +136,19 @@ def _attempt(url: str, dest: Path, sha256: str | None, token: str | None, progre
         else:  # 200: a fresh download (no range asked, or the file changed: If-Range failed)
             offset, mode = 0, "wb"
         length = int(response.headers.get("Content-Length") or 0)
+        if not length and not sha256:
+            # A body that just ends cannot be told from a cut one: without a size or a
+            # checksum, a truncated file would be cached as whole.
+            raise DownloadError(f"{redact(url)}: the server gives no Content-Length; set the model's "
+                                "sha256 so the download can be checked")
         total = offset + length if length else 0
         if total:
             _check_space(dest.parent, total - offset, url)
         validators = {"etag": response.headers.get("ETag"),
                       "last_modified": response.headers.get("Last-Modified")}
         _write_json(part.with_name(part.name + ".json"), validators)
-        linked = (response.headers.get("X-Linked-Etag") or "").strip('"')
+        # The hub sends the sha256 of a large file as X-Linked-Etag on its redirect to the CDN.
+        linked = (response.headers.get("X-Linked-Etag") or redirects.linked_etag or "").strip('"')
         done = offset
         progress(done, total)
         try:
@@ -143,9 +160,9 @@ def _attempt(url: str, dest: Path, sha256: str | None, token: str | None, progre
                     if cancel.is_set():
                         raise Cancelled
         except (TimeoutError, ConnectionError, http.client.HTTPException) as exc:
-            raise _Retry(f"{_reason(exc)} after {done} bytes") from None
+            raise _Retry(f"{_reason(exc)} after {done} bytes", progressed=done > offset) from None
     if total and done != total:
-        raise _Retry(f"the connection ended after {done} of {total} bytes")
+        raise _Retry(f"the connection ended after {done} of {total} bytes", progressed=done > offset)
     expected = sha256 or (linked if _SHA256.match(linked) else None)
     digest = _sha256_of(part)
     if expected and digest != expected.lower():
@@ -230,5 +247,21 @@ def _write_json(path: Path, value: dict[str, object]) -> None:
 
 
 def _reason(exc: BaseException) -> str:
+    """What went wrong, without the exception's text where that may quote the URL."""
     reason = getattr(exc, "reason", None)
-    return f"{type(exc).__name__}: {reason if reason is not None else exc}"
+    if isinstance(reason, OSError):
+        return f"{type(exc).__name__}: {type(reason).__name__} {reason.errno or ''}".rstrip()
+    if isinstance(exc, OSError) and exc.errno:
+        return f"{type(exc).__name__} (errno {exc.errno})"
+    return type(exc).__name__
+
+
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects as urllib does, keeping the hub's X-Linked-Etag from the way."""
+
+    linked_etag: str | None = None
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str,
+                         headers: Any, newurl: str) -> urllib.request.Request | None:
+        self.linked_etag = headers.get("X-Linked-Etag") or self.linked_etag
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
