@@ -14,7 +14,7 @@ from starlette.routing import Route
 from protocol.errors import ErrorKind
 from router import cachefiles
 from router.errors import error_response
-from router.models_api import model_ref
+from router.models_api import model_slot
 from router.pool import Pool
 from router.progress import ModelEvents
 from router.pulls import Pulls
@@ -23,12 +23,10 @@ from router.slots import ModelStatus
 
 def routes(pool: Pool, pulls: Pulls, events: ModelEvents, cache_dir: Path) -> list[Route]:
     async def pull(request: Request) -> Response:
-        ref = await model_ref(request)
-        if isinstance(ref, Response):
-            return ref
-        slot = pool.slot(ref.model)
-        if slot is None:
-            return error_response(ErrorKind.NOT_FOUND, f"model {ref.model!r} not found", "model")
+        found = await model_slot(request, pool)
+        if isinstance(found, Response):
+            return found
+        ref, slot = found
         download = slot.entry.worker.download
         if download is None:
             return error_response(ErrorKind.INVALID_REQUEST, f"model {ref.model!r} is a local path "

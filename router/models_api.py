@@ -113,6 +113,17 @@ async def model_ref(request: Request) -> _ModelRef | Response:
         return error_response(ErrorKind.INVALID_REQUEST, f"malformed JSON body: {exc}")
 
 
+async def model_slot(request: Request, pool: Pool) -> tuple[_ModelRef, Slot] | Response:
+    """The body's {"model", "wait"} and the model it names, or the error response."""
+    ref = await model_ref(request)
+    if isinstance(ref, Response):
+        return ref
+    slot = pool.slot(ref.model)
+    if slot is None:
+        return error_response(ErrorKind.NOT_FOUND, f"model {ref.model!r} not found", "model")
+    return ref, slot
+
+
 def routes(pool: Pool) -> list[Route]:
     async def list_openai(request: Request) -> Response:
         data = [{"id": s.entry.name, "object": "model", "created": _created(s), "owned_by": "modelherd",
@@ -126,12 +137,10 @@ def routes(pool: Pool) -> list[Route]:
             slots, caches, strict=True)]})
 
     async def load(request: Request) -> Response:
-        ref = await model_ref(request)
-        if isinstance(ref, Response):
-            return ref
-        slot = pool.slot(ref.model)
-        if slot is None:
-            return error_response(ErrorKind.NOT_FOUND, f"model {ref.model!r} not found", "model")
+        found = await model_slot(request, pool)
+        if isinstance(found, Response):
+            return found
+        ref, slot = found
         try:
             if ref.wait:
                 await pool.load(slot)
