@@ -93,15 +93,16 @@ def build_catalog(settings: Settings) -> Catalog:
 
 def _configured(name: str, section: ModelSection, settings: Settings, origin: str) -> ModelEntry:
     server = settings.server
-    download, path = _download(name, section, settings)
+    download, path, remote_backend = _download(name, section, settings)
     mmproj = Path(section.mmproj).expanduser() if section.mmproj else None
     if mmproj is not None and not mmproj.is_absolute():
         mmproj = settings.config_dir / mmproj
     policy = Policy(ttl=server.idle_ttl if section.ttl is None else section.ttl,
                     pinned=section.pinned, load_on_startup=section.load_on_startup,
                     max_queue=section.max_queue or server.max_queue)
-    backend = section.backend if section.backend not in (None, "auto") else detect_backend(
-        path, remote=download is not None and not parse(download.source, True).is_folder)
+    backend: str | None = section.backend
+    if backend in (None, "auto"):
+        backend = remote_backend if download is not None else detect_backend(path)
     if backend is None:
         raise ConfigError(f"config key models.{name}.backend: cannot tell which backend serves "
                           f"{path} (neither a .gguf file nor a folder with config.json and "
@@ -128,27 +129,28 @@ class Found:
     backend: str
 
 
-def detect_backend(path: Path, remote: bool = False) -> str | None:
+def detect_backend(path: Path) -> str | None:
     """llama_cpp for a .gguf file, mlx for a model folder; None when it is neither.
 
     A source that is not there (yet) is a folder to come unless it is named .gguf: as
-    with a missing GGUF file, its load fails and says so, and the daemon still starts.
-    A download is a GGUF file only when its name says so."""
+    with a missing GGUF file, its load fails and says so, and the daemon still starts."""
     if path.suffix.lower() == ".gguf":
         return "llama_cpp"
-    if _is_mlx_folder(path) or (not path.exists() and not remote):
-        return "mlx"  # (a hub repo without a file named is a folder to come)
+    if _is_mlx_folder(path) or not path.exists():
+        return "mlx"
     return None
 
 
-def _download(name: str, section: ModelSection, settings: Settings) -> tuple[Download | None, Path]:
-    """What to fetch, if the source is remote, and where the model's files are (will be)."""
+def _download(name: str, section: ModelSection,
+              settings: Settings) -> tuple[Download | None, Path, str | None]:
+    """What to fetch, if the source is remote; where the model's files are (will be); and
+    the backend a download's name implies (a repo folder is MLX, a *.gguf file llama_cpp)."""
     if not is_remote(section.source):
         if section.sha256 is not None:
             raise ConfigError(f"config key models.{name}.sha256: only checked on downloads; "
                               f"{section.source!r} is a local path")
         path = Path(section.source).expanduser()
-        return None, path if path.is_absolute() else settings.config_dir / path
+        return None, path if path.is_absolute() else settings.config_dir / path, None
     try:
         remote = parse(section.source, settings.server.allow_insecure_http)
     except SourceError as exc:
@@ -161,7 +163,9 @@ def _download(name: str, section: ModelSection, settings: Settings) -> tuple[Dow
                               f"a repo folder ({remote.text}); name the .gguf file in it")
     sha256 = section.sha256.lower() if section.sha256 else None
     download = Download(section.source, str(settings.cache_dir), sha256, settings.server.allow_insecure_http)
-    return download, Path(cache_path(download.cache_dir, remote))
+    path = Path(cache_path(download.cache_dir, remote))
+    backend = "mlx" if remote.is_folder else ("llama_cpp" if path.suffix.lower() == ".gguf" else None)
+    return download, path, backend
 
 
 def discover(directory: Path) -> list[Found]:
