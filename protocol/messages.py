@@ -59,6 +59,7 @@ class Download(msgspec.Struct, frozen=True):
     cache_dir: str
     sha256: str | None = None
     allow_insecure_http: bool = False
+    mmproj: str | None = None  # a projector's source, fetched after the model (the same way)
 
 
 class WorkerConfig(msgspec.Struct, frozen=True):

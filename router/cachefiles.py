@@ -37,7 +37,10 @@ def main_files(entry: ModelEntry) -> list[Path]:
         return []
     if entry.backend == "mlx":
         return [entry.path]
-    return [entry.path.with_name(name) for name in shard_names(entry.path.name)]
+    files = [entry.path.with_name(name) for name in shard_names(entry.path.name)]
+    if entry.worker.download.mmproj and entry.worker.mmproj:
+        files.append(Path(entry.worker.mmproj))  # downloaded with the model
+    return files
 
 
 def info(entry: ModelEntry) -> CacheInfo | None:

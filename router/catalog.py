@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
+
 from protocol.messages import BACKEND_OPTIONS, Download, WorkerConfig
 from protocol.sources import SourceError, cache_path, is_remote, parse
 from router.config import BackendOptions, ConfigError, ModelSection, Settings
@@ -95,7 +97,13 @@ def _configured(name: str, section: ModelSection, settings: Settings, origin: st
     server = settings.server
     download, path, remote_backend = _download(name, section, settings)
     mmproj = Path(section.mmproj).expanduser() if section.mmproj else None
-    if mmproj is not None and not mmproj.is_absolute():
+    if section.mmproj and is_remote(section.mmproj):
+        if download is None:
+            raise ConfigError(f"config key models.{name}.mmproj: a projector is downloaded with its "
+                              "model; give a local path, or a remote source for the model too")
+        mmproj = _remote_mmproj(name, section.mmproj, download, settings)
+        download = msgspec.structs.replace(download, mmproj=section.mmproj)
+    elif mmproj is not None and not mmproj.is_absolute():
         mmproj = settings.config_dir / mmproj
     policy = Policy(ttl=server.idle_ttl if section.ttl is None else section.ttl,
                     pinned=section.pinned, load_on_startup=section.load_on_startup,
@@ -139,6 +147,17 @@ def detect_backend(path: Path) -> str | None:
     if _is_mlx_folder(path) or not path.exists():
         return "mlx"
     return None
+
+
+def _remote_mmproj(name: str, source: str, download: Download, settings: Settings) -> Path:
+    """Where a projector's download lands (in the model's repo folder when from the same repo)."""
+    try:
+        remote = parse(source, settings.server.allow_insecure_http)
+    except SourceError as exc:
+        raise ConfigError(f"config key models.{name}.mmproj: {exc}") from None
+    if remote.is_folder:
+        raise ConfigError(f"config key models.{name}.mmproj: name the projector's file, not a repo")
+    return Path(cache_path(download.cache_dir, remote))
 
 
 def _download(name: str, section: ModelSection,

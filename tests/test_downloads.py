@@ -44,6 +44,8 @@ def remote(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, hub: File
     hub.add("/plain/file.gguf", gguf)
     hub.add("/org/tiny/resolve/main/pulled.gguf", gguf)
     hub.add("/org/tiny/resolve/main/twice.gguf", gguf, chunk_delay=0.05)
+    hub.add("/org/tiny/resolve/main/vision.gguf", gguf)
+    hub.add("/org/tiny/resolve/main/mmproj-vision.gguf", b"projector" * 1000)
     mlx_files = {p.name: p.read_bytes() for p in (models_dir / "tiny-mlx").iterdir()}
     hub.add_tree("org/tiny-mlx", "main", mlx_files)
     cache = tmp / "cache"
@@ -86,6 +88,10 @@ source = "{models_dir / 'tiny-b.gguf'}"
 
 [models.twice]
 source = "hf://org/tiny/twice.gguf"
+
+[models.vision]
+source = "hf://org/tiny/vision.gguf"
+mmproj = "hf://org/tiny/mmproj-vision.gguf"
 """)
     env = {**isolated_env, "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN}
     with Daemon("--config", str(tmp / "c.toml"), env=env) as d:
@@ -406,3 +412,15 @@ source = "hf://org/tiny/stall.gguf"
     finally:
         if d.proc is not None and d.proc.poll() is None:
             d.proc.kill()
+
+
+def test_a_projector_source_downloads_beside_its_model(remote: tuple[Daemon, Path], hub: FileServer) -> None:
+    d, cache = remote
+    folder = cache / "hf" / "org" / "tiny" / "main"
+    assert d.models()["vision"]["mmproj"] == str(folder / "mmproj-vision.gguf")
+    assert complete(d, "vision").status_code == 200
+    assert (folder / "mmproj-vision.gguf").read_bytes() == b"projector" * 1000
+    with d.client() as c:
+        assert c.post("/models/unload", json={"model": "vision"}).status_code == 200
+        removed = c.delete("/models", params={"model": "vision"}).json()["removed"]
+    assert str(folder / "mmproj-vision.gguf") in removed and str(folder / "vision.gguf") in removed

@@ -78,6 +78,14 @@ def run(download: Download, out: queue.SimpleQueue[Progress | Outcome], cancel: 
 
 
 def plan(download: Download, token: str | None) -> list[Planned]:
+    planned = _plan_source(download, token)
+    if download.mmproj is not None:
+        projector = Download(download.mmproj, download.cache_dir, None, download.allow_insecure_http)
+        planned += _plan_source(projector, token)
+    return planned
+
+
+def _plan_source(download: Download, token: str | None) -> list[Planned]:
     remote = sources.parse(download.source, download.allow_insecure_http)
     target = Path(sources.cache_path(download.cache_dir, remote))
     if remote.kind == "https":
