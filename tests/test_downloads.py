@@ -371,10 +371,12 @@ def test_two_pulls_make_one_download_and_delete_waits_for_it(remote: tuple[Daemo
     assert lock.exists()  # a lock file stays: someone may be waiting on it
 
 
-def test_a_download_is_not_held_to_the_load_timeout_while_it_moves(
+def test_a_download_is_held_to_the_load_timeout_only_while_it_stalls(
         tmp_path: Path, hub: FileServer, models_dir: Path, isolated_env: dict[str, str]) -> None:
     # About 8 chunks 0.4 s apart: 3 s in all, against a 1.5 s load timeout.
-    hub.add("/org/tiny/resolve/main/crawl.gguf", (models_dir / "tiny-a.gguf").read_bytes(), chunk_delay=0.4)
+    gguf = (models_dir / "tiny-a.gguf").read_bytes()
+    hub.add("/org/tiny/resolve/main/crawl.gguf", gguf, chunk_delay=0.4)
+    hub.add("/org/tiny/resolve/main/stuck.gguf", gguf, chunk_delay=600)
     (tmp_path / "c.toml").write_text(f"""
 [server]
 models_dirs = []
@@ -383,9 +385,14 @@ load_timeout = 1.5
 
 [models.crawl]
 source = "hf://org/tiny/crawl.gguf"
+
+[models.stuck]
+source = "hf://org/tiny/stuck.gguf"
 """)
     with Daemon("--config", str(tmp_path / "c.toml"), env={**isolated_env, "HF_ENDPOINT": hub.url}) as d:
         assert complete(d, "crawl").status_code == 200
+        stuck = complete(d, "stuck")  # one chunk, then nothing
+        assert stuck.status_code == 503 and "stalled" in stuck.json()["error"]["message"]
 
 
 def test_a_stalled_pull_does_not_hold_up_the_daemons_stop(

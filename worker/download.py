@@ -72,7 +72,7 @@ def run(download: Download, out: queue.SimpleQueue[Progress | Outcome], cancel: 
     except (DownloadError, sources.SourceError) as exc:
         out.put(Outcome(str(exc)))
     except Exception as exc:  # a bug here must still end the load with a reason
-        out.put(Outcome(f"download failed: {type(exc).__name__}: {exc}"))
+        out.put(Outcome(f"download failed: {type(exc).__name__}"))  # its text may quote a URL
     else:
         out.put(Outcome(None))
 
@@ -168,6 +168,7 @@ def relay(download: Download, send: Callable[[DownloadProgress], None],
     thread = threading.Thread(target=run, args=(download, events, cancel), name="download", daemon=True)
     thread.start()
     last: Progress | None = None
+    unsent: Progress | None = None  # the newest report not sent yet: a stall sends nothing
     sent_at = 0.0
     while True:
         if cancel.is_set():
@@ -182,14 +183,17 @@ def relay(download: Download, send: Callable[[DownloadProgress], None],
                 continue
             if last is None or last.file != item.file:  # each file's first report, as it is
                 send(DownloadProgress(item.file, item.downloaded, item.total, item.bytes_per_s, item.eta_s))
-                sent_at = time.monotonic()
+                sent_at, unsent = time.monotonic(), None
+            else:
+                unsent = item
             last = item
         now = time.monotonic()
-        if last is not None and (outcome is not None or now - sent_at >= PROGRESS_INTERVAL_S):
-            done = outcome is not None and outcome.error is None and not outcome.cancelled
-            send(DownloadProgress(last.file, last.downloaded, last.total, last.bytes_per_s, last.eta_s,
-                                  finished=done))
-            sent_at = now
+        done = outcome is not None and outcome.error is None and not outcome.cancelled
+        report = unsent or (last if done else None)  # the last report of all carries `finished`
+        if report is not None and (outcome is not None or now - sent_at >= PROGRESS_INTERVAL_S):
+            send(DownloadProgress(report.file, report.downloaded, report.total, report.bytes_per_s,
+                                  report.eta_s, finished=done))
+            sent_at, unsent = now, None
         if outcome is not None:
             thread.join()
             return "cancelled" if outcome.cancelled else outcome.error
