@@ -17,8 +17,16 @@ import hashlib
 import ipaddress
 import re
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import PurePath, PurePosixPath
+from typing import TypeVar
 from urllib.parse import quote, unquote, urlsplit
+
+# The files a download keeps beside NAME: worker.fetch writes them, router.cachefiles
+# reads them. NAME.part (and its validators) while incomplete, NAME.meta.json once whole
+# (a whole MLX folder gets one too), NAME.lock while someone downloads it.
+PART, PART_STATE, META, LOCK = ".part", ".part.json", ".meta.json", ".lock"
+SIDECARS = (PART, PART_STATE, META, LOCK)
+_P = TypeVar("_P", bound=PurePath)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,199}$")
 _SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
@@ -104,6 +112,10 @@ def _check_name(part: str, text: str) -> None:
     if part in (".", "..") or unquote(part) != part or not _NAME.match(part):
         raise SourceError(f"{redact(text)!r}: {part!r} is not allowed in a source "
                           "(plain names only: letters, digits, ._+-)")
+
+
+def sidecar(path: _P, suffix: str) -> _P:
+    return path.with_name(path.name + suffix)
 
 
 def check_relative(path: str, where: str) -> str:

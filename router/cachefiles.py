@@ -1,9 +1,9 @@
 """The download cache on disk: what a model's files are, how big, removing them, and
 pruning what no configured model uses. Blocking (stat, unlink): call off the loop.
 
-A downloaded file `NAME` has sidecars: `NAME.part` and `NAME.part.json` while it is
-incomplete, `NAME.meta.json` once it is whole, `NAME.lock` while someone downloads
-it. An MLX model is a folder of such files.
+A downloaded file has sidecars (protocol.sources.SIDECARS): a partial download and its
+validators, a metadata file once it is whole, a lock file. An MLX model is a folder of
+such files, with a metadata file of its own once whole.
 """
 
 from __future__ import annotations
@@ -15,10 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol.sources import shard_names
+from protocol.sources import LOCK, META, SIDECARS, shard_names, sidecar
 from router.catalog import ModelEntry
-
-SIDECARS = (".part", ".part.json", ".meta.json", ".lock")
 
 
 @dataclass(frozen=True)
@@ -65,7 +63,7 @@ def remove(entry: ModelEntry) -> tuple[list[str], int]:
     with _holding(bases, entry.name):
         removed, freed = [], 0
         for path in _all_files(entry):
-            if path.name.endswith(".lock"):
+            if path.name.endswith(LOCK):
                 continue
             if path.is_symlink() or path.is_file():
                 freed += _size(path)
@@ -98,7 +96,7 @@ def prune(cache_dir: Path, entries: list[ModelEntry]) -> tuple[list[str], int]:
             for name in files:
                 path = here / name
                 base = _base(path)
-                if path.name.endswith(".lock") or base in keep or any(
+                if path.name.endswith(LOCK) or base in keep or any(
                         d == base or d in base.parents for d in keep_dirs):
                     continue
                 if not _ours(base) or _locked(base):
@@ -113,22 +111,18 @@ def prune(cache_dir: Path, entries: list[ModelEntry]) -> tuple[list[str], int]:
 def _all_files(entry: ModelEntry) -> list[Path]:
     if entry.backend == "mlx":
         inside = sorted(p for p in entry.path.rglob("*") if p.is_file()) if entry.path.is_dir() else []
-        return [*inside, _sidecar(entry.path, ".meta.json")]
-    return [_sidecar(p, s) for p in main_files(entry) for s in ("", *SIDECARS)]
+        return [*inside, sidecar(entry.path, META)]
+    return [p for f in main_files(entry) for p in (f, *(sidecar(f, s) for s in SIDECARS))]
 
 
 def _complete(path: Path) -> bool:
-    """A file, or an MLX folder (whole once its own .meta.json is written)."""
-    return path.exists() and _sidecar(path, ".meta.json").is_file()
+    """A file, or an MLX folder (whole once its own metadata file is written)."""
+    return path.exists() and sidecar(path, META).is_file()
 
 
 def _ours(base: Path) -> bool:
     """A download's file: some sidecar of it exists (a stray file is never ours to delete)."""
-    return any(_sidecar(base, s).exists() for s in SIDECARS)
-
-
-def _sidecar(path: Path, suffix: str) -> Path:
-    return path.with_name(path.name + suffix) if suffix else path
+    return any(sidecar(base, s).exists() for s in SIDECARS)
 
 
 def _base(path: Path) -> Path:
@@ -143,7 +137,7 @@ def _holding(bases: list[Path], name: str) -> Iterator[None]:
     held = []
     try:
         for base in bases:
-            lock = _sidecar(base, ".lock")
+            lock = sidecar(base, LOCK)
             if not lock.is_file():
                 continue
             f = open(lock, "a")  # closed below, after the deletes
@@ -160,7 +154,7 @@ def _holding(bases: list[Path], name: str) -> Iterator[None]:
 
 
 def _locked(base: Path) -> bool:
-    lock = _sidecar(base, ".lock")
+    lock = sidecar(base, LOCK)
     if not lock.is_file():
         return False
     with open(lock, "a") as f:

@@ -97,16 +97,12 @@ def _plan_source(download: Download, token: str | None) -> list[Planned]:
         sha = download.sha256 if len(names) == 1 else None  # one checksum names one file
         return [Planned(sources.hf_url(endpoint, remote, n), base / Path(n).name, sha, hub=True)
                 for n in names]
-    if _folder_meta(target).is_file():
+    if sources.sidecar(target, sources.META).is_file():
         return []  # fetched whole before: no need to ask the hub (which may be out of reach)
     names = [n for n in _hub_files(endpoint, remote, token) if any(fnmatch(n, p) for p in MLX_FILES)]
     if not any(n.endswith(".safetensors") for n in names):
         raise DownloadError(f"{remote.text}: the repo has no *.safetensors files to serve as an MLX model")
     return [Planned(sources.hf_url(endpoint, remote, n), target / n, None, hub=True) for n in names]
-
-
-def _folder_meta(folder: Path) -> Path:
-    return folder.with_name(folder.name + ".meta.json")
 
 
 def _mark_folder(download: Download, planned: list[Planned]) -> None:
@@ -117,9 +113,10 @@ def _mark_folder(download: Download, planned: list[Planned]) -> None:
     folder = Path(sources.cache_path(download.cache_dir, remote))
     meta = {"source": remote.text, "files": sorted(str(p.dest.relative_to(folder)) for p in planned),
             "completed": time.time()}
-    tmp = _folder_meta(folder).with_name(_folder_meta(folder).name + ".tmp")
+    done = sources.sidecar(folder, sources.META)
+    tmp = sources.sidecar(done, ".tmp")
     tmp.write_text(json.dumps(meta))
-    os.replace(tmp, _folder_meta(folder))
+    os.replace(tmp, done)
 
 
 def _hub_files(endpoint: str, remote: sources.Remote, token: str | None) -> list[str]:

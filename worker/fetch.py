@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protocol.sources import redact
+from protocol.sources import LOCK, META, PART, PART_STATE, redact, sidecar
 
 CHUNK = 1024 * 1024
 TIMEOUT_S = 30.0
@@ -98,8 +98,8 @@ class _Retry(Exception):
 
 def _attempt(url: str, dest: Path, sha256: str | None, token: str | None, progress: Progress,
              cancel: threading.Event, timeout: float) -> Fetched:
-    part = dest.with_name(dest.name + ".part")
-    state = _read_json(part.with_name(part.name + ".json"))
+    part = sidecar(dest, PART)
+    state = _read_json(sidecar(dest, PART_STATE))
     offset = part.stat().st_size if part.exists() else 0
     validator = str(state.get("etag") or state.get("last_modified") or "")
     request = urllib.request.Request(url, headers={"User-Agent": "modelherd"})
@@ -115,7 +115,7 @@ def _attempt(url: str, dest: Path, sha256: str | None, token: str | None, progre
     except urllib.error.HTTPError as exc:
         exc.close()
         if exc.code == 416:  # the range is past the end: what we hold is not this file
-            _discard(part)
+            _discard(dest)
             raise _Retry("the server refused the resume (416); starting over") from None
         if exc.code >= 500:
             raise _Retry(f"HTTP {exc.code}") from None
@@ -130,7 +130,7 @@ def _attempt(url: str, dest: Path, sha256: str | None, token: str | None, progre
     with response:
         if response.status == 206:
             if _range_start(response) != offset:
-                _discard(part)
+                _discard(dest)
                 raise _Retry("the server sent another range than asked; starting over")
             mode = "ab"
         else:  # 200: a fresh download (no range asked, or the file changed: If-Range failed)
@@ -146,7 +146,7 @@ def _attempt(url: str, dest: Path, sha256: str | None, token: str | None, progre
             _check_space(dest.parent, total - offset, url)
         validators = {"etag": response.headers.get("ETag"),
                       "last_modified": response.headers.get("Last-Modified")}
-        _write_json(part.with_name(part.name + ".json"), validators)
+        _write_json(sidecar(dest, PART_STATE), validators)
         # The hub sends the sha256 of a large file as X-Linked-Etag on its redirect to the CDN.
         linked = (response.headers.get("X-Linked-Etag") or redirects.linked_etag or "").strip('"')
         done = offset
@@ -166,18 +166,18 @@ def _attempt(url: str, dest: Path, sha256: str | None, token: str | None, progre
     expected = sha256 or (linked if _SHA256.match(linked) else None)
     digest = _sha256_of(part)
     if expected and digest != expected.lower():
-        _discard(part)
+        _discard(dest)
         raise DownloadError(f"{redact(url)}: checksum mismatch, expected sha256 {expected.lower()}, "
                             f"got {digest}; the download was deleted")
     os.replace(part, dest)
-    _write_json(_meta_path(dest), {
+    _write_json(sidecar(dest, META), {
         "source": redact(url), "size": done, "sha256": digest, **validators, "completed": time.time()})
-    part.with_name(part.name + ".json").unlink(missing_ok=True)
+    sidecar(dest, PART_STATE).unlink(missing_ok=True)
     return Fetched(dest, done, digest, True)
 
 
 def _cached(dest: Path, sha256: str | None) -> Fetched | None:
-    meta = _read_json(_meta_path(dest))
+    meta = _read_json(sidecar(dest, META))
     if not dest.is_file() or not meta:
         return None
     size = dest.stat().st_size
@@ -188,7 +188,7 @@ def _cached(dest: Path, sha256: str | None) -> Fetched | None:
 
 @contextmanager
 def _locked(dest: Path, cancel: threading.Event) -> Iterator[None]:
-    with open(dest.with_name(dest.name + ".lock"), "a") as lock:
+    with open(sidecar(dest, LOCK), "a") as lock:
         while True:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -223,13 +223,9 @@ def _sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _meta_path(dest: Path) -> Path:
-    return dest.with_name(dest.name + ".meta.json")
-
-
-def _discard(part: Path) -> None:
-    part.unlink(missing_ok=True)
-    part.with_name(part.name + ".json").unlink(missing_ok=True)
+def _discard(dest: Path) -> None:
+    sidecar(dest, PART).unlink(missing_ok=True)
+    sidecar(dest, PART_STATE).unlink(missing_ok=True)
 
 
 def _read_json(path: Path) -> dict[str, object]:
