@@ -133,8 +133,9 @@ def _attempt(url: str, dest: Path, sha256: str | None, token: str | None, progre
                 _discard(dest)
                 raise _Retry("the server sent another range than asked; starting over")
             mode = "ab"
+            digest = _hash_of(part)  # the bytes held; the rest is hashed as it arrives
         else:  # 200: a fresh download (no range asked, or the file changed: If-Range failed)
-            offset, mode = 0, "wb"
+            offset, mode, digest = 0, "wb", hashlib.sha256()
         length = int(response.headers.get("Content-Length") or 0)
         if not length and not sha256:
             # A body that just ends cannot be told from a cut one: without a size or a
@@ -155,6 +156,7 @@ def _attempt(url: str, dest: Path, sha256: str | None, token: str | None, progre
             with open(part, mode) as out:
                 while chunk := response.read1(CHUNK):
                     out.write(chunk)
+                    digest.update(chunk)
                     done += len(chunk)
                     progress(done, total)
                     if cancel.is_set():
@@ -164,16 +166,16 @@ def _attempt(url: str, dest: Path, sha256: str | None, token: str | None, progre
     if total and done != total:
         raise _Retry(f"the connection ended after {done} of {total} bytes", progressed=done > offset)
     expected = sha256 or (linked if _SHA256.match(linked) else None)
-    digest = _sha256_of(part)
-    if expected and digest != expected.lower():
+    got = digest.hexdigest()
+    if expected and got != expected.lower():
         _discard(dest)
         raise DownloadError(f"{redact(url)}: checksum mismatch, expected sha256 {expected.lower()}, "
-                            f"got {digest}; the download was deleted")
+                            f"got {got}; the download was deleted")
     os.replace(part, dest)
     _write_json(sidecar(dest, META), {
-        "source": redact(url), "size": done, "sha256": digest, **validators, "completed": time.time()})
+        "source": redact(url), "size": done, "sha256": got, **validators, "completed": time.time()})
     sidecar(dest, PART_STATE).unlink(missing_ok=True)
-    return Fetched(dest, done, digest, True)
+    return Fetched(dest, done, got, True)
 
 
 def _cached(dest: Path, sha256: str | None) -> Fetched | None:
@@ -215,12 +217,12 @@ def _check_space(folder: Path, need: int, url: str) -> None:
                             f"{free} are free in {folder}")
 
 
-def _sha256_of(path: Path) -> str:
+def _hash_of(path: Path) -> Any:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(CHUNK):
             digest.update(block)
-    return digest.hexdigest()
+    return digest
 
 
 def _discard(dest: Path) -> None:
