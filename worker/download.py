@@ -1,8 +1,8 @@
 """Fetching a model into the cache: the source resolved into files, each downloaded by
 worker.fetch, progress measured as it goes.
 
-`run` is the body of a download thread. It reports through a queue: Progress items,
-then one Outcome. `relay` runs it and passes the progress on (throttled) as protocol
+`run` is the body of a download thread. It reports through a queue: DownloadProgress
+messages, then one Outcome. `relay` runs it and passes the progress on (throttled) as protocol
 messages while its caller listens for a cancel: a worker before its load (a Shutdown
 cancels), or `pull`, a process of its own for POST /models/pull and `modelherd pull`.
 """
@@ -46,21 +46,15 @@ class Planned:
 
 
 @dataclass(frozen=True)
-class Progress:
-    file: str
-    downloaded: int
-    total: int
-    bytes_per_s: float
-    eta_s: float | None
-
-
-@dataclass(frozen=True)
 class Outcome:
     error: str | None  # None: every file is in the cache
     cancelled: bool = False
 
 
-def run(download: Download, out: queue.SimpleQueue[Progress | Outcome], cancel: threading.Event) -> None:
+Reports = queue.SimpleQueue["DownloadProgress | Outcome"]
+
+
+def run(download: Download, out: Reports, cancel: threading.Event) -> None:
     token = os.environ.get("HF_TOKEN") or None
     try:
         planned = plan(download, token)
@@ -138,7 +132,7 @@ def _hub_files(endpoint: str, remote: sources.Remote, token: str | None) -> list
     return [sources.check_relative(str(name), remote.text) for name in files]
 
 
-def _fetch_one(item: Planned, token: str | None, out: queue.SimpleQueue[Progress | Outcome],
+def _fetch_one(item: Planned, token: str | None, out: Reports,
                cancel: threading.Event) -> None:
     started = time.monotonic()
     first: list[int] = []
@@ -149,7 +143,7 @@ def _fetch_one(item: Planned, token: str | None, out: queue.SimpleQueue[Progress
         elapsed = time.monotonic() - started
         rate = (done - first[0]) / elapsed if elapsed > 0 else 0.0
         eta = (total - done) / rate if total and rate > 0 else None
-        out.put(Progress(item.dest.name, done, total, rate, eta))
+        out.put(DownloadProgress(item.dest.name, done, total, rate, eta))
 
     fetch(item.url, item.dest, sha256=item.sha256, token=token, progress=progress, cancel=cancel)
 
@@ -161,11 +155,11 @@ def relay(download: Download, send: Callable[[DownloadProgress], None],
     `cancelled(wait_s)` waits up to `wait_s` and says whether to stop. Returns None when
     done, else why not (also when cancelled)."""
     cancel = threading.Event()
-    events: queue.SimpleQueue[Progress | Outcome] = queue.SimpleQueue()
+    events: Reports = queue.SimpleQueue()
     thread = threading.Thread(target=run, args=(download, events, cancel), name="download", daemon=True)
     thread.start()
-    last: Progress | None = None
-    unsent: Progress | None = None  # the newest report not sent yet: a stall sends nothing
+    last: DownloadProgress | None = None
+    unsent: DownloadProgress | None = None  # the newest report not sent yet: a stall sends nothing
     sent_at = 0.0
     while True:
         if cancel.is_set():
@@ -179,7 +173,7 @@ def relay(download: Download, send: Callable[[DownloadProgress], None],
                 outcome = item
                 continue
             if last is None or last.file != item.file:  # each file's first report, as it is
-                send(DownloadProgress(item.file, item.downloaded, item.total, item.bytes_per_s, item.eta_s))
+                send(item)
                 sent_at, unsent = time.monotonic(), None
             else:
                 unsent = item
@@ -188,8 +182,7 @@ def relay(download: Download, send: Callable[[DownloadProgress], None],
         done = outcome is not None and outcome.error is None and not outcome.cancelled
         report = unsent or (last if done else None)  # the last report of all carries `finished`
         if report is not None and (outcome is not None or now - sent_at >= PROGRESS_INTERVAL_S):
-            send(DownloadProgress(report.file, report.downloaded, report.total, report.bytes_per_s,
-                                  report.eta_s, finished=done))
+            send(msgspec.structs.replace(report, finished=done) if done else report)
             sent_at, unsent = now, None
         if outcome is not None:
             thread.join()
