@@ -28,7 +28,7 @@ import msgspec
 from protocol import sources
 from protocol.errors import ErrorKind
 from protocol.messages import Download, DownloadProgress, LoadFailed
-from worker.fetch import Cancelled, DownloadError, fetch
+from worker.fetch import Cancelled, DownloadError, fetch, open_url, token_hint
 
 HF_ENDPOINT = "https://huggingface.co"
 # What an MLX folder needs from its repo (mlx-lm's own list, without *.py: no remote code).
@@ -116,15 +116,12 @@ def _mark_folder(download: Download, planned: list[Planned]) -> None:
 def _hub_files(endpoint: str, remote: sources.Remote, token: str | None) -> list[str]:
     revision = quote(remote.revision, safe="")
     url = f"{endpoint.rstrip('/')}/api/models/{remote.repo}/tree/{revision}?recursive=true"
-    request = urllib.request.Request(url, headers={"User-Agent": "modelherd"})
-    if token:
-        request.add_unredirected_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(request, timeout=LISTING_TIMEOUT_S) as response:
+        with open_url(url, token, LISTING_TIMEOUT_S) as response:
             listing = json.loads(response.read())
     except urllib.error.HTTPError as exc:
-        hint = " (set HF_TOKEN for a gated or private model)" if exc.code in (401, 403) else ""
-        raise DownloadError(f"listing {sources.redact(url)} failed: HTTP {exc.code}{hint}") from None
+        raise DownloadError(f"listing {sources.redact(url)} failed: HTTP {exc.code}"
+                            f"{token_hint(exc.code)}") from None
     except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError) as exc:
         raise DownloadError(f"listing {sources.redact(url)} failed: {type(exc).__name__}") from None
     files = [e["path"] for e in listing if isinstance(e, dict) and e.get("type") == "file"]

@@ -102,16 +102,10 @@ def _attempt(url: str, dest: Path, sha256: str | None, token: str | None, progre
     state = _read_json(sidecar(dest, PART_STATE))
     offset = part.stat().st_size if part.exists() else 0
     validator = str(state.get("etag") or state.get("last_modified") or "")
-    request = urllib.request.Request(url, headers={"User-Agent": "modelherd"})
-    if token:
-        # Not sent on to a redirect's host (the hub redirects to a CDN).
-        request.add_unredirected_header("Authorization", f"Bearer {token}")
-    if offset and validator:
-        request.add_header("Range", f"bytes={offset}-")
-        request.add_header("If-Range", validator)
+    resume = {"Range": f"bytes={offset}-", "If-Range": validator} if offset and validator else {}
     redirects = _Redirects()
     try:
-        response = urllib.request.build_opener(redirects).open(request, timeout=timeout)
+        response = open_url(url, token, timeout, resume, redirects)
     except urllib.error.HTTPError as exc:
         exc.close()
         if exc.code == 416:  # the range is past the end: what we hold is not this file
@@ -119,10 +113,8 @@ def _attempt(url: str, dest: Path, sha256: str | None, token: str | None, progre
             raise _Retry("the server refused the resume (416); starting over") from None
         if exc.code >= 500:
             raise _Retry(f"HTTP {exc.code}") from None
-        hint = ""
-        if exc.code in (401, 403):
-            hint = " (for a gated or private Hugging Face model, set HF_TOKEN to a token with access)"
-        raise DownloadError(f"downloading {redact(url)} failed: HTTP {exc.code} {exc.reason}{hint}") from None
+        raise DownloadError(f"downloading {redact(url)} failed: HTTP {exc.code} {exc.reason}"
+                            f"{token_hint(exc.code)}") from None
     except http.client.InvalidURL:
         raise DownloadError(f"{redact(url)} is not a valid URL") from None
     except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
@@ -176,6 +168,23 @@ def _attempt(url: str, dest: Path, sha256: str | None, token: str | None, progre
         "source": redact(url), "size": done, "sha256": got, **validators, "completed": time.time()})
     sidecar(dest, PART_STATE).unlink(missing_ok=True)
     return Fetched(dest, done, got, True)
+
+
+def open_url(url: str, token: str | None, timeout: float, headers: dict[str, str] | None = None,
+             redirects: urllib.request.HTTPRedirectHandler | None = None) -> Any:
+    """A GET as modelherd makes it: its User-Agent, and the token as a bearer token that is
+    not sent on to a redirect's host (the hub redirects downloads to a CDN)."""
+    request = urllib.request.Request(url, headers={"User-Agent": "modelherd", **(headers or {})})
+    if token:
+        request.add_unredirected_header("Authorization", f"Bearer {token}")
+    return urllib.request.build_opener(redirects or urllib.request.HTTPRedirectHandler()).open(
+        request, timeout=timeout)
+
+
+def token_hint(code: int) -> str:
+    if code in (401, 403):
+        return " (for a gated or private Hugging Face model, set HF_TOKEN to a token with access)"
+    return ""
 
 
 def _cached(dest: Path, sha256: str | None) -> Fetched | None:
