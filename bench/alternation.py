@@ -31,7 +31,7 @@ and llama.cpp's default thread count. Models are generated like bench/overhead.p
 
 Needs llama_cpp.server's extra packages: `.venv/bin/pip install -e '.[bench]'`.
 
-Usage: .venv/bin/python bench/alternation.py [--rounds 20] [--max-tokens 16] [--shape small|tiny]
+Usage: .venv/bin/python -m bench.alternation [--rounds 20] [--max-tokens 16] [--shape small|tiny]
                                              [--stream]
 """
 
@@ -52,16 +52,13 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import httpx
+import psutil
 
-import httpx  # noqa: E402
-import psutil  # noqa: E402
-
-from bench.runner import run_bench  # noqa: E402
-from bench.stats import pct  # noqa: E402
-from tests.daemon import Daemon  # noqa: E402
-from tests.tinymodels import SHAPES, write_tiny_gguf  # noqa: E402
+from bench.runner import run_bench
+from bench.stats import pct
+from tests.daemon import Daemon
+from tests.tinymodels import SHAPES, write_tiny_gguf
 
 # Same shapes as bench/overhead.py.
 NO_EOS = {"0": -100.0, "2": -100.0}  # tiny vocab's EOG tokens: every request makes max_tokens

@@ -23,7 +23,7 @@ in flight; throughput is tokens over the time until the last client finished.
 Models are generated like bench/overhead.py: shape `tiny` (default; ~0.5 MB, thousands of
 tokens/s per core) or `small` (~110 MB), two files with different random seeds.
 
-Usage: .venv/bin/python bench/concurrency.py [--seconds 60] [--clients 16] [--max-tokens 128]
+Usage: .venv/bin/python -m bench.concurrency [--seconds 60] [--clients 16] [--max-tokens 128]
                                              [--shape tiny|small]
 """
 
@@ -36,16 +36,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import psutil
 
-import psutil  # noqa: E402
-
-from bench.rawhttp import Conn, HttpError, post_json  # noqa: E402
-from bench.runner import run_bench  # noqa: E402
-from bench.stats import pct  # noqa: E402
-from tests.daemon import Daemon  # noqa: E402
-from tests.tinymodels import SHAPES, write_tiny_gguf  # noqa: E402
+from bench.rawhttp import Conn, HttpError, post_json
+from bench.runner import run_bench
+from bench.stats import pct
+from tests.daemon import Daemon
+from tests.tinymodels import SHAPES, write_tiny_gguf
 
 # Same shapes as bench/overhead.py.
 NO_EOS = {"0": -100.0, "2": -100.0}  # tiny vocab's EOG tokens: every request makes max_tokens

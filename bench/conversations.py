@@ -33,7 +33,7 @@ script exit 1. Models are generated like bench/overhead.py: shape `tiny` (defaul
 or `small` (~110 MB). Every daemon and worker started is stopped on exit, Ctrl-C and
 SIGTERM included (bench/runner.py).
 
-Usage: .venv/bin/python bench/conversations.py [--conversations 10000] [--bound 1000]
+Usage: .venv/bin/python -m bench.conversations [--conversations 10000] [--bound 1000]
                                                [--clients 4] [--requests 200] [--max-tokens 128]
                                                [--lookups 20] [--fanout-ids 10] [--shape tiny|small]
 """
@@ -52,17 +52,14 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import httpx
+import psutil
 
-import httpx  # noqa: E402
-import psutil  # noqa: E402
-
-from bench.rawhttp import Conn, HttpError, Reply, post_json  # noqa: E402
-from bench.runner import run_bench  # noqa: E402
-from bench.stats import pct  # noqa: E402
-from tests.daemon import Daemon  # noqa: E402
-from tests.tinymodels import SHAPES, write_tiny_gguf  # noqa: E402
+from bench.rawhttp import Conn, HttpError, Reply, post_json
+from bench.runner import run_bench
+from bench.stats import pct
+from tests.daemon import Daemon
+from tests.tinymodels import SHAPES, write_tiny_gguf
 
 # Same shapes as bench/overhead.py.
 NO_EOS = {"0": -100.0, "2": -100.0}  # tiny vocab's EOG tokens: every request makes max_tokens

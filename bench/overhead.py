@@ -19,7 +19,7 @@ random weights, ~30M parameters, slower per token). The router's CPU time per
 streamed token is reported too, since on a 2-core machine it competes with the
 worker for cores.
 
-Usage: python bench/overhead.py [--requests 40] [--max-tokens 256] [--models tiny,small]
+Usage: python -m bench.overhead [--requests 40] [--max-tokens 256] [--models tiny,small]
                                 [--backend llama_cpp|mlx]
 """
 
@@ -29,22 +29,18 @@ import argparse
 import json
 import socket
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import psutil
 
-import psutil  # noqa: E402
-
-from bench.rawhttp import completion_tokens  # noqa: E402
-from bench.stats import pct  # noqa: E402
-from tests.daemon import Daemon  # noqa: E402
-from tests.tinymodels import SHAPES, write_tiny_gguf, write_tiny_mlx  # noqa: E402
+from bench.rawhttp import completion_tokens
+from bench.stats import pct
+from tests.daemon import Daemon
+from tests.tinymodels import SHAPES, write_tiny_gguf, write_tiny_mlx
 
 NO_EOS = {"0": -100.0, "2": -100.0}  # tiny vocab's EOG tokens: every run makes max_tokens
 MESSAGES = [{"role": "user", "content": "Tell me a story about a small computer."}]
@@ -122,7 +118,8 @@ def mlx_lm_stream_generate(model: Path, max_tokens: int) -> Callable[[], tuple[f
 def backend_in_process(model: Path, backend_name: str,
                        max_tokens: int) -> Callable[[], tuple[float, int, float]]:
     from protocol.messages import WorkerConfig
-    from worker.backend import Finish, GenParams, make_backend
+    from worker.backend import Finish, GenParams
+    from worker.backends import make_backend
 
     backend = make_backend(backend_name)
     backend.load(WorkerConfig(name="bench", path=str(model), backend=backend_name, n_ctx=N_CTX),

@@ -15,6 +15,27 @@ from dataclasses import dataclass
 MIB = 1024 * 1024
 
 
+def mib(n: int) -> str:
+    return f"{n / MIB:.1f} MiB" if n < 10 * MIB else f"{n // MIB} MiB"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What a model will take, read from its files before any worker starts."""
+
+    weights: int
+    kv_cache: int
+    overhead: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.overhead
+
+    def describe(self) -> str:
+        return (f"about {mib(self.total)} (weights {mib(self.weights)}, KV cache "
+                f"{mib(self.kv_cache)}, process {mib(self.overhead)})")
+
+
 @dataclass(frozen=True)
 class Holder:
     """A model that occupies a place: loading, loaded or on its way out."""

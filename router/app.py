@@ -1,58 +1,52 @@
-"""The Starlette application: routes, middleware, OpenAI-shaped errors, lifespan."""
+"""The Starlette application: the route table, middleware and error rendering.
+
+Every route reaches the daemon's state through the `Runtime` it is given; the ASGI
+lifespan (passed in by router.server) starts and stops that runtime.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from protocol.errors import ErrorKind
 from protocol.messages import Endpoint
 from router import downloads_api, models_api
+from router.asgi import json_response
 from router.auth import APIKeyMiddleware
-from router.bridge import Bridge
 from router.config import Settings
-from router.convs import Tracker
 from router.errors import HTTPError, error_response
-from router.pool import Pool
-from router.progress import ModelEvents
-from router.proxy import OpenAIRoute
-from router.pulls import Pulls
+from router.proxy import ProxiedRoute
+from router.runtime import Runtime
+from router.schema import Health
 from router.streams_api import Streams
 
 log = logging.getLogger("modelherd.app")
 
 _STATUS_KIND = {401: ErrorKind.AUTHENTICATION, 404: ErrorKind.NOT_FOUND, 413: ErrorKind.TOO_LARGE}
 
+Lifespan = Callable[[Starlette], AbstractAsyncContextManager[None]]
 
-def build_app(settings: Settings, pool: Pool, bridge: Bridge, events: ModelEvents) -> Starlette:
+
+def build_app(settings: Settings, runtime: Runtime, lifespan: Lifespan | None = None) -> Starlette:
     server = settings.server
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        bridge.start()
-        pool.start()
-        yield
-        await pulls.close()
-        log.info("stopping %d worker(s)", sum(1 for s in pool.slots() if s.worker is not None))
-        await pool.close()
+    pool = runtime.pool
+    streams = Streams(runtime.bridge, runtime.tracker, server.stream_fanout_timeout)
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        return json_response(Health())
 
-    pulls = Pulls(events)
-    streams = Streams(pool, bridge, Tracker(server.max_conversations, server.stream_retention),
-                      server.stream_fanout_timeout)
-
-    def proxied(endpoint: Endpoint) -> OpenAIRoute:
-        return OpenAIRoute(endpoint, pool, bridge, streams, server.max_body_bytes, server.autoload)
+    def proxied(endpoint: Endpoint) -> ProxiedRoute:
+        return ProxiedRoute(endpoint, pool, runtime.bridge, runtime.tracker, server.max_body_bytes,
+                            server.autoload)
 
     routes = [
         Route("/health", health, methods=["GET"]),
@@ -60,8 +54,8 @@ def build_app(settings: Settings, pool: Pool, bridge: Bridge, events: ModelEvent
         Route("/v1/completions", proxied(Endpoint.COMPLETION), methods=["POST"]),
         Route("/v1/embeddings", proxied(Endpoint.EMBEDDING), methods=["POST"]),
         *models_api.routes(pool),
-        Route("/models/sse", models_api.event_feed(events, server.sse_keepalive), methods=["GET"]),
-        *downloads_api.routes(pool, pulls, events, settings.cache_dir),
+        Route("/models/sse", models_api.event_feed(runtime.events, server.sse_keepalive), methods=["GET"]),
+        *downloads_api.routes(pool, runtime.pulls, runtime.events, settings.cache_dir),
         *streams.routes(),
     ]
 
@@ -87,3 +81,4 @@ def build_app(settings: Settings, pool: Pool, bridge: Bridge, events: ModelEvent
         exception_handlers={HTTPException: http_error, HTTPError: our_error, Exception: server_error},
         lifespan=lifespan,
     )
+

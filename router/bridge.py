@@ -1,7 +1,7 @@
 """The router's end of the wire: one ROUTER socket and one reader task.
 
-Response frames go to per-request queues; every other worker message goes to
-the handler registered for that worker's identity. A bad frame is logged and
+Response frames go to the callback each open request gave (its exchange's inbox);
+every other worker message goes to the handler registered for that worker. A bad frame is logged and
 dropped: the reader never dies of input.
 
 The socket is a plain (sync) zmq socket used only from the event loop thread.
@@ -34,9 +34,10 @@ from protocol.messages import (
 
 log = logging.getLogger("modelherd.bridge")
 
-# What a request's queue carries: a response message and its payload, if any.
+# What a request is delivered: a response message and its payload, if any.
 Response = ResponseHead | BodyChunk | ResponseEnd | ResponseError | StreamStates
 Item = tuple[Response, bytes | None]
+Deliver = Callable[[Item], None]
 PeerHandler = Callable[[Upstream], None]
 _RESPONSES = (ResponseHead, BodyChunk, ResponseEnd, ResponseError, StreamStates)
 
@@ -46,22 +47,26 @@ class PeerUnreachable(Exception):
 
 
 class Bridge:
-    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> None:
-        self.endpoint = endpoint
-        self._sock = ctx.socket(zmq.ROUTER)
-        # Sending to an identity that is not connected raises instead of dropping silently.
-        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.bind(endpoint)
+    """Made idle; `start` binds the socket and starts the reader, `close` ends both."""
+
+    def __init__(self) -> None:
+        self.endpoint = ""
+        self._sock: zmq.Socket[bytes] | None = None
         self._readable = asyncio.Event()
         self._codec = RouterCodec()
         self._peers: dict[bytes, PeerHandler] = {}
-        self._streams: dict[int, tuple[bytes, asyncio.Queue[Item]]] = {}
+        self._streams: dict[int, tuple[bytes, Deliver]] = {}
         self._ids = itertools.count(1)
         self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._read(), name="bridge-reader")
+    def start(self, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> None:
+        sock = self._sock = ctx.socket(zmq.ROUTER)
+        # Sending to an identity that is not connected raises instead of dropping silently.
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(endpoint)
+        self.endpoint = endpoint
+        self._task = asyncio.create_task(self._read(sock), name="bridge-reader")
         self._task.add_done_callback(self._reader_done)
 
     def _reader_done(self, task: asyncio.Task[None]) -> None:
@@ -75,7 +80,8 @@ class Bridge:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        self._sock.close(linger=0)
+        if self._sock is not None:
+            self._sock.close(linger=0)
 
     # ---- peers and streams --------------------------------------------------
 
@@ -85,11 +91,11 @@ class Bridge:
     def remove_peer(self, identity: bytes) -> None:
         self._peers.pop(identity, None)
 
-    def open_stream(self, identity: bytes) -> tuple[int, asyncio.Queue[Item]]:
+    def open_stream(self, identity: bytes, deliver: Deliver) -> int:
+        """A new request id for `identity`; its responses go to `deliver`, in order."""
         req_id = next(self._ids)
-        queue: asyncio.Queue[Item] = asyncio.Queue()
-        self._streams[req_id] = (identity, queue)
-        return req_id, queue
+        self._streams[req_id] = (identity, deliver)
+        return req_id
 
     def close_stream(self, req_id: int) -> None:
         self._streams.pop(req_id, None)
@@ -97,9 +103,9 @@ class Bridge:
     def fail_streams(self, identity: bytes | None, kind: ErrorKind, message: str) -> int:
         """End every open request of one worker (None: of all) with an error; returns how many."""
         failed = 0
-        for req_id, (owner, queue) in list(self._streams.items()):
+        for req_id, (owner, deliver) in list(self._streams.items()):
             if identity is None or owner == identity:
-                queue.put_nowait((ResponseError(req_id, kind, message), None))
+                deliver((ResponseError(req_id, kind, message), None))
                 failed += 1
         return failed
 
@@ -108,6 +114,8 @@ class Bridge:
         if identity not in self._peers:  # exited, even if zmq has not noticed the disconnect yet
             raise PeerUnreachable(f"worker {identity.decode(errors='replace')} is gone")
         frames = [identity, *self._codec.encode(msg, payload)]
+        if self._sock is None:
+            raise PeerUnreachable("the bridge is not started")
         try:
             self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as exc:
@@ -120,12 +128,17 @@ class Bridge:
     async def ask(self, identity: bytes, make: Callable[[int], Downstream], within: float) -> Response | None:
         """Send one request and await its one-message answer; None if the worker is gone or
         does not answer `within` seconds (a slow worker must never hang the caller)."""
-        req_id, queue = self.open_stream(identity)
+        answer: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+
+        def deliver(item: Item) -> None:
+            if not answer.done():
+                answer.set_result(item[0])
+
+        req_id = self.open_stream(identity, deliver)
         try:
             self.send(identity, make(req_id))
             async with asyncio.timeout(within):
-                msg, _ = await queue.get()
-            return msg
+                return await answer
         except (PeerUnreachable, TimeoutError):
             return None
         finally:
@@ -144,16 +157,16 @@ class Bridge:
 
     # ---- reader --------------------------------------------------------------
 
-    async def _read(self) -> None:
+    async def _read(self, sock: zmq.Socket[bytes]) -> None:
         loop = asyncio.get_running_loop()
-        fd = self._sock.fileno()
+        fd = sock.fileno()
         loop.add_reader(fd, self._readable.set)
         try:
             while True:
                 await self._readable.wait()
                 self._readable.clear()
-                while cast(int, self._sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-                    self._dispatch(self._sock.recv_multipart(zmq.NOBLOCK))
+                while cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                    self._dispatch(sock.recv_multipart(zmq.NOBLOCK))
         finally:
             loop.remove_reader(fd)
 
@@ -170,7 +183,7 @@ class Bridge:
         if isinstance(msg, _RESPONSES):
             stream = self._streams.get(msg.req_id)
             if stream is not None:
-                stream[1].put_nowait((msg, payload))
+                stream[1]((msg, payload))
             return
         handler = self._peers.get(identity)
         if handler is None:

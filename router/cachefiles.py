@@ -12,21 +12,20 @@ import contextlib
 import fcntl
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+
+import msgspec
 
 from protocol.sources import LOCK, META, SIDECARS, shard_names, sidecar
 from router.catalog import ModelEntry
 
 
-@dataclass(frozen=True)
-class CacheInfo:
+class CacheInfo(msgspec.Struct, frozen=True):
+    """A download's files in the cache, as /models shows them."""
+
     path: str
     bytes: int
     complete: bool
-
-    def json(self) -> dict[str, object]:
-        return {"path": self.path, "bytes": self.bytes, "complete": self.complete}
 
 
 def main_files(entry: ModelEntry) -> list[Path]:

@@ -18,7 +18,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the daemon")
     serve.add_argument("--config", type=Path, help="TOML config file (every key optional)")
-    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--host", action="append", metavar="HOST",
+                       help="address to listen on (default 127.0.0.1); repeatable")
     serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
     serve.add_argument("--models-dir", dest="models_dirs", action="extend", nargs="+", metavar="DIR",
                        help="folder(s) to scan for models; repeatable")

@@ -15,6 +15,7 @@ import msgspec
 from msgspec import Meta
 
 from protocol.messages import OptionValue
+from router.builtin import builtin_sources
 
 DEFAULT_PORT = 8080
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
@@ -30,7 +31,9 @@ class ConfigError(Exception):
 
 
 class ServerSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    host: str = "127.0.0.1"
+    # One address or several ("::" too); each is bound on `port`.
+    host: Annotated[str, Meta(min_length=1)] | Annotated[list[Annotated[str, Meta(min_length=1)]],
+                                                          Meta(min_length=1)] = "127.0.0.1"
     port: Port = DEFAULT_PORT
     api_keys: list[Annotated[str, Meta(min_length=1)]] = []
     models_dirs: list[str] = []
@@ -65,6 +68,11 @@ class ServerSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     cache_dir: str = ""
     # Plain http:// sources beyond loopback hosts (nothing checks what arrives but sha256).
     allow_insecure_http: bool = False
+
+
+    @property
+    def hosts(self) -> list[str]:
+        return [self.host] if isinstance(self.host, str) else list(self.host)
 
 
 class BackendOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -189,9 +197,7 @@ def build_settings(config_path: Path | None, overrides: dict[str, Any]) -> Setti
         cache_dir = default_cache_dir()
     builtin: dict[str, ModelSection] = {}
     if config_path is None and overrides.get("builtin_models") is not False:
-        from router.builtin import builtin_models
-
-        builtin = builtin_models()
+        builtin = {name: ModelSection(source=source) for name, source in builtin_sources().items()}
     return Settings(server=server, defaults=file.defaults, models=file.models, models_dirs=paths,
                     default_models_dir=uses_default, config_dir=config_dir, cache_dir=cache_dir,
                     builtin_models=builtin)

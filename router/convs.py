@@ -1,4 +1,5 @@
-"""The conversation tracker: which model, and which worker of it, owns each resumable stream.
+"""The conversation tracker: which exchange (and so which model and worker) owns each
+resumable stream.
 
 An entry is recorded when the POST arrives, before its model loads, so a client
 that comes back early is told to retry rather than that the stream is unknown.
@@ -12,17 +13,16 @@ Plain data and synchronous methods only: the routes do the talking.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from starlette.types import Scope
 
 from protocol.errors import ErrorKind
 from router.errors import HTTPError
+from router.exchange import Exchange
 
 MAX_ID_CHARS = 128
 
@@ -31,18 +31,33 @@ MAX_ID_CHARS = 128
 SUFFIX_SEP = "::"
 
 
+# What a client is told when someone else stops its stream: a 400 while its POST still
+# waits for the model, an error event once it runs (the worker's words, protocol.messages).
+NOT_FOUND = "Stream not found or expired"
+OWNER_LOADING = "Stream owner model is loading, retry later"
+DELETED_WHILE_LOADING = "request cancelled by a stop while the model was loading"
+EVICTED = "too many conversations are tracked (max_conversations) and this one was the least recently used"
+EVICTED_WHILE_LOADING = f"request cancelled: {EVICTED}"
+REPLACED_WHILE_LOADING = ("request cancelled: a newer request took over this conversation "
+                          "while the model was loading")
+
+
 @dataclass(eq=False)
 class Conversation:
     key: str  # the worker's stream key: owner/conv_id
     conv_id: str
     model: str
     started_at: float  # Unix seconds
-    post: asyncio.Task[Any] | None  # the POST, while it may still be waiting for its model
-    worker: bytes | None = None  # the worker generating it; None until the model is ready
+    exchange: Exchange  # the POST generating it
     done: bool = False
     completed_at: float = 0.0
     expires: float = float("inf")  # monotonic
-    stop_reason: str | None = None  # set when a DELETE or a newer POST stopped a waiting POST
+
+    @property
+    def worker(self) -> bytes | None:
+        """The worker generating it; None while its model is not ready."""
+        worker = self.exchange.worker
+        return worker.identity if worker is not None else None
 
 
 def conversation_id(value: str, param: str = "conv_id") -> str:
@@ -88,13 +103,15 @@ class Tracker:
     def __iter__(self) -> Iterator[Conversation]:
         return iter(list(self._entries.values()))
 
-    def begin(self, owner: str, conv_id: str, model: str,
-              post: asyncio.Task[Any] | None) -> tuple[Conversation, Conversation | None]:
-        """Record a new POST for the conversation; returns it and the entry it replaced."""
+    def begin(self, conv_id: str, model: str,
+              exchange: Exchange) -> tuple[Conversation, Conversation | None]:
+        """Record a new POST for the conversation (`exchange.stream_key` is its key);
+        returns it and the entry it replaced."""
         self._expire()
-        key = stream_key(owner, conv_id)
+        key = exchange.stream_key
+        assert key is not None
         old = self._drop(key)
-        conv = Conversation(key, conv_id, model, self._wall(), post)
+        conv = Conversation(key, conv_id, model, self._wall(), exchange)
         self._entries[key] = conv
         for prefix in _prefixes(key):
             self._prefixed.setdefault(prefix, set()).add(key)
@@ -122,11 +139,6 @@ class Tracker:
                 if (conv := self._entries.get(k)) is not None:
                     found[k] = conv
         return list(found.values())
-
-    def assign(self, conv: Conversation, worker: bytes) -> None:
-        """Its model is ready: from here on the worker owns the stream."""
-        conv.worker = worker
-        conv.post = None
 
     def finish(self, conv: Conversation) -> None:
         """Its stream ended; it stays resumable for `retention` seconds."""

@@ -13,14 +13,13 @@ import json
 import os
 import re
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import psutil
 
 from protocol.messages import AUTO_N_CTX_CAP, WorkerConfig
-from router.admission import MIB
+from router.admission import MIB, Estimate
 
 # Measured: a llama.cpp worker serving a 0.5 MB model with n_ctx 512 has an RSS of
 # 51 MiB (llama-cpp-python 0.3.36, CPython 3.11, x86-64); rounded up for compute buffers.
@@ -35,25 +34,6 @@ _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # Bytes per element of the KV cache by ggml type id (llama-cpp-python's type_k/type_v).
 _KV_TYPE_BYTES = {0: 4.0, 1: 2.0, 2: 18 / 32, 3: 20 / 32, 6: 22 / 32, 7: 24 / 32, 8: 34 / 32, 30: 2.0}
 _SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class Estimate:
-    weights: int
-    kv_cache: int
-    overhead: int
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.kv_cache + self.overhead
-
-    def describe(self) -> str:
-        return (f"about {mib(self.total)} (weights {mib(self.weights)}, KV cache "
-                f"{mib(self.kv_cache)}, process {mib(self.overhead)})")
-
-
-def mib(n: int) -> str:
-    return f"{n / MIB:.1f} MiB" if n < 10 * MIB else f"{n // MIB} MiB"
 
 
 def estimate(config: WorkerConfig) -> Estimate:

@@ -1,6 +1,6 @@
 """The spawn target for worker processes.
 
-multiprocessing pickles the target by reference, so the router must be able to
+multiprocess pickles the target by reference, so the router must be able to
 name it; naming `worker.main.run` would import the worker package into the
 router. This trampoline imports it only in the child.
 """

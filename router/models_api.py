@@ -11,155 +11,139 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import msgspec
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from protocol.errors import ErrorKind, param_of
+from protocol.errors import ErrorKind
 from protocol.sources import redact
 from router import cachefiles
+from router.asgi import SSE_HEADERS, ClientGone, decode, json_response, read_body
 from router.errors import HTTPError, error_response
-from router.pool import Pool
+from router.modelstate import ModelStatus
+from router.pool import ModelView, Pool, PoolError
 from router.progress import RESYNC, ModelEvents, download_data
-from router.proxy import ClientGone, read_body
-from router.relay import SSE_HEADERS
-from router.slots import ModelStatus, PoolError, Slot
+from router.schema import (
+    Done,
+    LoadAnswer,
+    MemoryBody,
+    ModelBody,
+    ModelList,
+    ModelRef,
+    ModelStatusBody,
+    OpenAIModel,
+    OpenAIModelList,
+    OpenAIStatus,
+)
 
 MAX_MANAGEMENT_BODY = 64 * 1024
 
 
-class _ModelRef(msgspec.Struct):
-    model: str
-    wait: bool = False
-
-
-def _status(slot: Slot, now: float) -> dict[str, Any]:
-    status: dict[str, Any] = {"value": slot.public_status, "failed": slot.status is ModelStatus.FAILED}
-    if slot.status is ModelStatus.LOADING:
-        status["progress"] = round(slot.progress, 3)
-        status["stage"] = slot.stage
-        if slot.download is not None:
-            status["download"] = download_data(slot.download)
-    if slot.wait_reason is not None:
-        status["queued"] = slot.wait_reason
-    if slot.failure is not None and slot.status is ModelStatus.FAILED:
-        status["exit_code"] = slot.failure.exit_code
-        status["message"] = slot.failure.message
-        status["log_tail"] = slot.failure.log_tail
-        status["load_failures"] = slot.failures  # in a row
-        if slot.retry_at > now:
-            status["retry_in"] = round(slot.retry_at - now, 1)
+def _status(view: ModelView, now: float) -> ModelStatusBody:
+    m, progress = view.model, view.progress
+    status = ModelStatusBody(view.public_status, m.status is ModelStatus.FAILED)
+    if m.status is ModelStatus.LOADING:
+        status.progress = round(progress.value, 3)
+        status.stage = progress.stage
+        if progress.download is not None:
+            status.download = download_data(progress.download)
+    if m.wait_reason is not None:
+        status.queued = m.wait_reason
+    if m.failure is not None and m.status is ModelStatus.FAILED:
+        status.exit_code = m.failure.exit_code
+        status.message = m.failure.message
+        status.log_tail = list(m.failure.log_tail)
+        status.load_failures = m.failures  # in a row
+        if m.retry_at > now:
+            status.retry_in = round(m.retry_at - now, 1)
     return status
 
 
-def _created(slot: Slot) -> int:
+def _created(view: ModelView) -> int:
     try:
-        return int(slot.entry.path.stat().st_mtime)
+        return int(view.entry.path.stat().st_mtime)
     except OSError:
         return 0
 
 
-def model_entry(pool: Pool, slot: Slot, cache: cachefiles.CacheInfo | None) -> dict[str, Any]:
+def model_entry(view: ModelView, cache: cachefiles.CacheInfo | None) -> ModelBody:
     """One model as /models shows it; `cache` from cachefiles.info (read off the loop)."""
-    entry = slot.entry
+    entry = view.entry
     policy = entry.policy
-    out: dict[str, Any] = {
-        "id": entry.name,
-        "object": "model",
-        "created": _created(slot),
-        "owned_by": "modelherd",
-        "aliases": list(entry.aliases),
-        "backend": entry.backend,
+    m = view.model
+    info = view.info
+    memory = MemoryBody(m.estimate.total if m.estimate else None, view.rss)
+    out = ModelBody(
+        id=entry.name, object="model", created=_created(view), owned_by="modelherd",
+        aliases=list(entry.aliases), backend=entry.backend,
         # Where it comes from (a download's URL redacted) and where its files are.
-        "source": redact(entry.worker.download.source) if entry.worker.download else str(entry.path),
-        "path": str(entry.path),
-        "origin": entry.origin,
-        "mmproj": entry.worker.mmproj,
-        "status": _status(slot, time.monotonic()),
-        "pid": slot.worker.pid if slot.worker is not None else None,
-        "in_flight": slot.in_flight,
-        "waiting": slot.waiting,
-        "pinned": policy.pinned,
-        "ttl": policy.ttl,
-        "max_queue": policy.max_queue,
-        "memory": {"estimate": slot.estimate.total if slot.estimate else None, "rss": pool.rss(slot)},
-    }
-    out["cache"] = cache.json() if cache is not None else None  # a download's files, how far it got
-    info = slot.info if slot.status is ModelStatus.LOADED else None
-    # Where it runs, and why not on the device it preferred (e.g. a build without GPU).
-    out["device"] = info.device if info is not None else None
-    out["device_fallback"] = info.fallback if info is not None else None
+        source=redact(entry.worker.download.source) if entry.worker.download else str(entry.path),
+        path=str(entry.path), origin=entry.origin, mmproj=entry.worker.mmproj,
+        status=_status(view, time.monotonic()),
+        pid=view.worker.pid if view.worker is not None else None,
+        in_flight=len(m.serving) + len(m.waiters), waiting=len(m.waiters),
+        pinned=policy.pinned, ttl=policy.ttl, max_queue=policy.max_queue, memory=memory,
+        cache=cache,  # a download's files, how far it got
+        # Where it runs, and why not on the device it preferred (e.g. a build without GPU).
+        device=info.device if info is not None else None,
+        device_fallback=info.fallback if info is not None else None,
+    )
     if info is not None:
-        out["memory"]["backend"] = info.memory_bytes
-        out["meta"] = msgspec.to_builtins(info)
+        memory.backend = info.memory_bytes
+        out.meta = msgspec.to_builtins(info)
     return out
 
 
-async def model_ref(request: Request) -> _ModelRef | Response:
+async def model_ref(request: Request) -> ModelRef:
+    """The body's {"model", "wait"}; HTTPError when it is not that."""
     try:
         body = await read_body(request.scope, request.receive, MAX_MANAGEMENT_BODY)
-        return msgspec.json.decode(body, type=_ModelRef)
-    except HTTPError as exc:
-        return error_response(exc.kind, exc.message)
     except ClientGone:
-        return Response(status_code=400)
-    except msgspec.ValidationError as exc:
-        return error_response(ErrorKind.INVALID_REQUEST, f"invalid request: {exc}",
-                              param_of(str(exc)) or "model")
-    except msgspec.DecodeError as exc:
-        return error_response(ErrorKind.INVALID_REQUEST, f"malformed JSON body: {exc}")
+        raise HTTPError(ErrorKind.INVALID_REQUEST, "the client left before its body arrived") from None
+    ref = decode(body, ModelRef)
+    if not ref.model:
+        raise HTTPError(ErrorKind.INVALID_REQUEST, "invalid request: `model` must not be empty", "model")
+    return ref
 
 
-async def model_slot(request: Request, pool: Pool) -> tuple[_ModelRef, Slot] | Response:
-    """The body's {"model", "wait"} and the model it names, or the error response."""
+async def model_view(request: Request, pool: Pool) -> tuple[ModelRef, ModelView]:
+    """The body's {"model", "wait"} and the model it names; HTTPError 404 if none."""
     ref = await model_ref(request)
-    if isinstance(ref, Response):
-        return ref
-    slot = pool.slot(ref.model)
-    if slot is None:
-        return error_response(ErrorKind.NOT_FOUND, f"model {ref.model!r} not found", "model")
-    return ref, slot
+    name = pool.resolve(ref.model)
+    view = pool.view(name) if name is not None else None
+    if view is None:
+        raise HTTPError(ErrorKind.NOT_FOUND, f"model {ref.model!r} not found", "model")
+    return ref, view
 
 
 def routes(pool: Pool) -> list[Route]:
     async def list_openai(request: Request) -> Response:
-        data = [{"id": s.entry.name, "object": "model", "created": _created(s), "owned_by": "modelherd",
-                 "status": {"value": s.status.value}} for s in pool.slots()]
-        return JSONResponse({"object": "list", "data": data})
+        return json_response(OpenAIModelList([
+            OpenAIModel(v.name, _created(v), OpenAIStatus(v.status.value)) for v in pool.views()]))
 
     async def list_router(request: Request) -> Response:
-        slots = pool.slots()
-        caches = await asyncio.to_thread(lambda: [cachefiles.info(s.entry) for s in slots])
-        return JSONResponse({"object": "list", "data": [model_entry(pool, s, c) for s, c in zip(
-            slots, caches, strict=True)]})
+        views = pool.views()
+        caches = await asyncio.to_thread(lambda: [cachefiles.info(v.entry) for v in views])
+        return json_response(ModelList([model_entry(v, c) for v, c in zip(views, caches, strict=True)]))
 
     async def load(request: Request) -> Response:
-        found = await model_slot(request, pool)
-        if isinstance(found, Response):
-            return found
-        ref, slot = found
+        ref, view = await model_view(request, pool)
         try:
-            if ref.wait:
-                await pool.load(slot)
-            else:
-                pool.start_load(slot)  # a no-op load if it is already loaded
+            await pool.load(view.name, ref.wait)  # a no-op load if it is already loaded
         except PoolError as exc:
             return error_response(exc.kind, exc.message, retry_after=exc.retry_after)
-        cache = await asyncio.to_thread(cachefiles.info, slot.entry)
-        return JSONResponse({"success": True, "model": model_entry(pool, slot, cache)})
+        cache = await asyncio.to_thread(cachefiles.info, view.entry)
+        return json_response(LoadAnswer(model_entry(pool.view(view.name) or view, cache)))
 
     async def unload(request: Request) -> Response:
         ref = await model_ref(request)
-        if isinstance(ref, Response):
-            return ref
         try:
             await pool.unload(ref.model)
         except PoolError as exc:
             return error_response(exc.kind, exc.message, "model")
-        return JSONResponse({"success": True})
+        return json_response(Done())
 
     return [
         Route("/v1/models", list_openai, methods=["GET"]),

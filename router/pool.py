@@ -1,500 +1,441 @@
-"""The pool: the one owner of model state, and of the decisions about it.
+"""The pool: carries out the scheduler's effects on real worker processes, and feeds the
+scheduler what happens to them.
 
-Every model has a slot. A request leases its model's worker; if the model is not
-loaded, the request waits in one FIFO admission queue until `admission.plan` lets
-the model in (evicting idle least-recently-used models first), then joins the
-model's single load. Decisions are made synchronously in `_pump`, so nothing can
-interleave between a decision and its bookkeeping. Processes are reached only
-through the `Launcher` and `Memory` effects, which tests replace with fakes.
+The scheduler (router.scheduler) decides; this module only acts: it starts a worker
+for `StartLoad` (through the launcher: router.supervisor in the daemon, fakes in
+tests), stops one for `Stop`, reads a model's memory estimate for `EstimateMemory`,
+and hands a waiting request its worker (`Grant`) or its error (`Deny`) through the
+callback the request gave. Outcomes (a load done or failed, a worker exited) go back
+in as events. Every background task is owned here and named; none is cancelled to
+pass a message: a load ends because its worker is stopped, a stop by the ladder.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import itertools
 import logging
-import math
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from protocol.errors import ErrorKind
-from protocol.messages import DownloadProgress, LoadProgress, WorkerConfig
-from router.admission import MIB, Admit, Refuse, Wait, plan
-from router.catalog import Catalog
-from router.footprint import Estimate
-from router.slots import (
-    Failure,
-    Launcher,
-    Memory,
-    ModelStatus,
-    PoolError,
-    PoolSettings,
-    Slot,
-    WorkerHandle,
-    backoff_error,
-    holders,
-    live_rss,
-    memory_budget,
-    refusal_error,
-    slot_rss,
-    stopped_under_us,
-)
+from protocol.messages import DownloadProgress, LoadProgress, ModelInfo, WorkerConfig
+from router.admission import MIB, Estimate
+from router.catalog import Catalog, ModelEntry
+from router.effects import Deny, Effect, EstimateMemory, Grant, Log, StartLoad, Status, Stop
+from router.modelstate import Failure, Model, ModelStatus
+from router.scheduler import Scheduler, SchedulerSettings
 from router.supervisor import WorkerStartError
 
 log = logging.getLogger("modelherd.pool")
 
-BACKOFF_FIRST_S = 5.0  # after a failed load; doubles per consecutive failure
-BACKOFF_MAX_S = 300.0
-REPLAN_S = 1.0  # while models wait, memory freed by other programs is noticed this often
+
+class PoolError(Exception):
+    def __init__(self, kind: ErrorKind, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.retry_after = retry_after
+
+
+class WorkerHandle(Protocol):
+    """What the pool needs of a worker process (router.supervisor.WorkerProcess)."""
+
+    identity: bytes
+    exit_code: int | None
+
+    @property
+    def pid(self) -> int | None: ...
+    @property
+    def alive(self) -> bool: ...
+    @property
+    def stopping(self) -> bool: ...
+    @property
+    def log_tail(self) -> Sequence[str]: ...
+    async def start(self, load_timeout: float) -> ModelInfo: ...
+    async def stop(self, grace: float) -> None: ...
+    def gone_error(self) -> tuple[ErrorKind, str]: ...
+    def describe_exit(self) -> str: ...
+
+
+ProgressFn = Callable[[LoadProgress | DownloadProgress], None]
+Launcher = Callable[[ModelEntry, ProgressFn, Callable[[WorkerHandle], None]], WorkerHandle]
+# What a request is told: its worker, or why it gets none. Called once, maybe at once.
+Notify = Callable[[WorkerHandle | PoolError], None]
+
+
+class Memory(Protocol):
+    def available(self) -> int: ...
+    def rss(self, pid: int) -> int | None: ...
+
+
+@dataclass
+class Progress:
+    """How far a model's current load has got, as its worker reported it."""
+
+    gen: int = 0  # of the load it reports on
+    stage: str = ""  # "download", or a load stage: e.g. "weights" (llama.cpp reports "load")
+    value: float = 0.0
+    download: DownloadProgress | None = None  # the last download report, while downloading
+
+    def report(self, msg: LoadProgress | DownloadProgress) -> None:
+        if isinstance(msg, DownloadProgress):
+            self.download = msg
+            self.stage = "" if msg.finished else "download"  # then it loads
+            self.value = msg.downloaded / msg.total if msg.total else 0.0
+        else:
+            self.download = None
+            self.stage, self.value = msg.stage, msg.value
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """One model as the routes and the event feed show it."""
+
+    model: Model
+    progress: Progress
+    worker: WorkerHandle | None
+    info: ModelInfo | None  # once loaded
+    rss: int | None
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def entry(self) -> ModelEntry:
+        return self.model.entry
+
+    @property
+    def status(self) -> ModelStatus:
+        return self.model.status
+
+    @property
+    def public_status(self) -> str:
+        """The status clients see: a load still fetching its files is "downloading"."""
+        if self.model.status is ModelStatus.LOADING and self.progress.stage == "download":
+            return "downloading"
+        return self.model.status.value
 
 
 class Pool:
-    def __init__(self, catalog: Catalog, settings: PoolSettings, launcher: Launcher, memory: Memory,
-                 estimator: Callable[[WorkerConfig], Estimate],
+    def __init__(self, catalog: Catalog, settings: SchedulerSettings, launcher: Launcher, memory: Memory,
+                 estimator: Callable[[WorkerConfig], Estimate], *, load_timeout: float,
+                 on_status: Callable[[ModelView], None] = lambda view: None,
+                 on_progress: Callable[[ModelView], None] = lambda view: None,
+                 on_idle: Callable[[], None] = lambda: None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.catalog = catalog
-        self.settings = settings
-        self._slots = {entry.name: Slot(entry) for entry in catalog}
+        self.scheduler = Scheduler(catalog, settings, WorkerMemory(memory, self))
         self._launch = launcher
         self._memory = memory
         self._estimator = estimator
+        self._load_timeout = load_timeout
+        self._on_status = on_status
+        self._on_progress = on_progress
+        self._on_idle = on_idle
         self._clock = clock
-        self._queue: list[Slot] = []  # FIFO of models waiting for admission
-        self._in_flight = 0
-        self._waiting = 0
-        self._draining = False
-        self._drain_ends: float | None = None
-        self._closed = False
-        self._workers: set[WorkerHandle] = set()  # every live worker, whichever slot it serves
-        self._tasks: set[asyncio.Task[Any]] = set()  # owned: asyncio keeps tasks only weakly
-        self._estimates: dict[str, asyncio.Future[Estimate]] = {}
+        self._waiters = itertools.count(1)
+        self._notify: dict[int, Notify] = {}
+        self._workers: dict[tuple[str, int], WorkerHandle] = {}  # every live worker by (model, gen)
+        self._exits: dict[tuple[str, int], asyncio.Future[None]] = {}
+        self._stopped: set[tuple[str, int]] = set()  # asked to stop: by the ladder, once
+        self._info: dict[str, ModelInfo] = {}
+        self._progress: dict[str, Progress] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._effects: list[Effect] = []
+        self._applying = False
         self._changed = asyncio.Event()
-        self.cut = asyncio.Event()  # set by a second signal: no more grace for anything
-        self._janitor: asyncio.Task[None] | None = None
 
     # ---- views -------------------------------------------------------------------
 
-    def slots(self) -> list[Slot]:
-        return list(self._slots.values())
-
-    def slot(self, name: str) -> Slot | None:
+    def resolve(self, name: str) -> str | None:
+        """The model's own name for a name or alias; None when no model has it."""
         entry = self.catalog.resolve(name)
-        return self._slots[entry.name] if entry else None
+        if entry is None or self.scheduler.model(entry.name) is None:
+            return None
+        return entry.name
 
-    def rss(self, slot: Slot) -> int | None:
-        return slot_rss(slot, self._memory)
+    def view(self, name: str) -> ModelView | None:
+        m = self.scheduler.model(name)
+        if m is None:
+            return None
+        worker = self._workers.get((name, m.gen)) if m.gen else None
+        pid = worker.pid if worker is not None else None
+        return ModelView(m, self._load_progress(m), worker,
+                         self._info.get(name) if m.status is ModelStatus.LOADED else None,
+                         self._memory.rss(pid) if pid is not None else None)
+
+    def _load_progress(self, m: Model) -> Progress:
+        progress = self._progress.get(m.name)
+        if progress is None or progress.gen != m.gen:  # nothing of an earlier load holds
+            progress = self._progress[m.name] = Progress(m.gen)
+        return progress
+
+    def views(self) -> list[ModelView]:
+        return [v for m in self.scheduler.models() if (v := self.view(m.name)) is not None]
+
+    def worker(self, name: str) -> WorkerHandle | None:
+        """The model's live worker, if it has one."""
+        m = self.scheduler.model(name)
+        return self._workers.get((name, m.gen)) if m is not None and m.gen else None
 
     @property
     def idle(self) -> bool:
-        return self._in_flight == 0
+        return self.scheduler.idle
 
-    def begin_drain(self, grace: float) -> None:
-        """From now on every request is refused (503); those in flight have `grace` seconds,
-        which is also all the time workers get to stop when the pool closes."""
-        self._draining = True
-        self._drain_ends = self._clock() + grace
+    # ---- requests -----------------------------------------------------------------
 
-    def cut_drain(self) -> None:
-        """The grace is over (timeout or a second signal): requests waiting for a model
-        are answered now (503) and close will not wait for anything."""
-        self._draining = self._closed = True
-        self._drain_ends = self._clock()
-        for slot in self._slots.values():
-            self._dequeue(slot)
-            if slot.load_task is not None and not slot.load_task.done():
-                slot.load_task.cancel()
+    def request(self, name: str, notify: Notify, *, autoload: bool = True) -> int:
+        """Ask for `name`'s worker; `notify` is called once with it or with the error,
+        possibly before this returns. The number returned is the request's ticket."""
+        model = self.resolve(name)
+        if model is None:
+            notify(PoolError(ErrorKind.NOT_FOUND, f"model {name!r} not found"))
+            return 0
+        ticket = next(self._waiters)
+        self._notify[ticket] = notify
+        self._feed(self.scheduler.request(ticket, model, self._clock(), autoload=autoload))
+        return ticket
 
-    # ---- life -------------------------------------------------------------------
+    def release(self, ticket: int) -> None:
+        """The request is over (served, or it left the queue)."""
+        self._notify.pop(ticket, None)
+        self._feed(self.scheduler.release(ticket, self._clock()))
 
-    def start(self) -> None:
-        """Start the idle janitor and load the load_on_startup models."""
-        self._janitor = asyncio.create_task(self._janitor_loop(), name="pool-janitor")
-        for slot in self._slots.values():
-            if slot.entry.policy.load_on_startup:
-                self.start_load(slot)
+    async def load(self, name: str, wait: bool) -> None:
+        """An operator's load: skips the failure backoff. With `wait`, returns once the
+        model is loaded (or raises why not); without, once the load is under way."""
+        model = self.resolve(name)
+        if model is None:
+            raise PoolError(ErrorKind.NOT_FOUND, f"model {name!r} not found")
+        outcome: asyncio.Future[WorkerHandle | PoolError] = asyncio.get_running_loop().create_future()
+        ticket = next(self._waiters)
 
-    async def close(self, grace: float | None = None) -> None:
-        """Stop every worker by the ladder. The grace is `grace` if given, else what is left
-        of a drain's, else stop_timeout."""
-        if grace is None:
-            grace = (self.settings.stop_timeout if self._drain_ends is None
-                     else max(0.0, self._drain_ends - self._clock()))
-        self._draining = self._closed = True
-        if self._janitor is not None:
-            self._janitor.cancel()
-        unloads = asyncio.gather(*(self._unload(s, grace) for s in self._slots.values()),
-                                 return_exceptions=True)
-        cut = asyncio.ensure_future(self.cut.wait())
-        either: set[asyncio.Future[Any]] = {unloads, cut}
-        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-        if not unloads.done():  # cut short (a second signal): the ladder's last rungs now
-            log.warning("stopping %d worker(s) without further grace", len(self._workers))
-            await asyncio.gather(*(w.stop(grace=0) for w in list(self._workers)), return_exceptions=True)
-        cut.cancel()
-        await unloads
-        # Whatever a race left behind is stopped too: no worker outlives the pool.
-        await asyncio.gather(*(w.stop(grace=0) for w in list(self._workers)), return_exceptions=True)
+        def told(what: WorkerHandle | PoolError) -> None:
+            if not outcome.done():
+                outcome.set_result(what)
+            if not isinstance(what, PoolError):
+                self.release(ticket)  # nothing to serve: a load holds no place once done
 
-    # ---- serving ----------------------------------------------------------------
-
-    @contextlib.asynccontextmanager
-    async def lease(self, name: str, autoload: bool) -> AsyncIterator[WorkerHandle]:
-        """A loaded worker for `name`, counted in flight while the caller holds it."""
-        slot = self._require(name)
-        if self._draining:
-            raise PoolError(ErrorKind.UNAVAILABLE, "modelherd is shutting down; retry shortly")
-        policy = slot.entry.policy
-        if slot.in_flight >= policy.max_queue:
-            raise PoolError(ErrorKind.RATE_LIMITED,
-                            f"model {slot.entry.name!r} already has {slot.in_flight} requests queued or "
-                            f"running (max_queue {policy.max_queue}); retry shortly")
-        worker = slot.worker
-        ready = slot.status is ModelStatus.LOADED and worker is not None and worker.alive
-        if not ready:
-            if not autoload and slot.status is not ModelStatus.LOADING:
-                raise PoolError(ErrorKind.MODEL_NOT_LOADED,
-                                f"model {slot.entry.name!r} is not loaded and autoload is off; "
-                                "load it with POST /models/load")
-            if self._waiting >= self.settings.max_waiting:
-                raise PoolError(ErrorKind.UNAVAILABLE,
-                                f"{self._waiting} requests are already waiting for models to load "
-                                f"(max_waiting {self.settings.max_waiting}); retry later")
-        slot.in_flight += 1
-        self._in_flight += 1
-        try:
-            if not ready:
-                slot.waiting += 1
-                self._waiting += 1
-                try:
-                    worker = await self._ensure_loaded(slot, explicit=False)
-                finally:
-                    slot.waiting -= 1
-                    self._waiting -= 1
-            assert worker is not None
-            slot.last_used = self._clock()
-            yield worker
-        finally:
-            slot.in_flight -= 1
-            self._in_flight -= 1
-            slot.last_used = self._clock()
-            if slot.in_flight == 0:
-                self._state_changed()
-
-    async def load(self, slot: Slot) -> WorkerHandle:
-        """An explicit load (POST /models/load): like a request, but ignores the backoff."""
-        if self._draining:
-            raise PoolError(ErrorKind.UNAVAILABLE, "modelherd is shutting down; retry shortly")
-        return await self._ensure_loaded(slot, explicit=True)
-
-    def start_load(self, slot: Slot) -> None:
-        """Load in the background; the outcome shows in the slot's status."""
-        if self._draining:
-            raise PoolError(ErrorKind.UNAVAILABLE, "modelherd is shutting down; retry shortly")
-        task = asyncio.create_task(self.load(slot), name=f"load-request:{slot.entry.name}")
-        self._own(task)
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self._notify[ticket] = told
+        self._feed(self.scheduler.load(ticket, model, self._clock()))
+        if outcome.done() or wait:
+            answer = await outcome
+            if isinstance(answer, PoolError):
+                raise answer
 
     async def unload(self, name: str) -> None:
-        await self._unload(self._require(name), None)
-
-    def _require(self, name: str) -> Slot:
-        slot = self.slot(name)
-        if slot is None:
+        """Unload and return once its worker has exited."""
+        model = self.resolve(name)
+        if model is None:
             raise PoolError(ErrorKind.NOT_FOUND, f"model {name!r} not found")
-        return slot
+        m = self.scheduler.model(model)
+        assert m is not None
+        exit_of = self._exit_future(model, m.gen) if m.gen and m.started else None
+        self._feed(self.scheduler.unload(model, self._clock()))
+        if exit_of is not None:
+            await asyncio.shield(exit_of)
 
-    # ---- loading ----------------------------------------------------------------
+    # ---- the daemon's life ----------------------------------------------------------
 
-    async def _ensure_loaded(self, slot: Slot, explicit: bool) -> WorkerHandle:
-        if slot.estimate is None:  # read once, before the state below is looked at
-            slot.estimate = await self._estimate(slot)
-        admitted = False
-        while True:  # at most twice round: once to be admitted, once to join the load
-            worker = slot.worker
-            if slot.status is ModelStatus.LOADED and worker is not None and worker.alive:
-                return worker
-            task = slot.load_task
-            if task is not None and not task.done():
-                return await self._join_load(slot, task)
-            if slot.status is ModelStatus.FAILED and (
-                    admitted or (not explicit and slot.retry_at > self._clock())):
-                raise backoff_error(slot, self._clock())
-            if admitted:  # the load ended (unloaded) before this waiter's turn came
-                raise PoolError(ErrorKind.UNAVAILABLE, f"model {slot.entry.name!r} was unloaded; retry")
-            await self._admission(slot)
-            admitted = True
+    def start(self) -> None:
+        """Start the timer (idle ttl, re-planning) and the load_on_startup models."""
+        self._own(self._time(), "pool-timer")
+        for m in self.scheduler.models():
+            if m.entry.policy.load_on_startup:
+                self._own(self._quiet_load(m.name), f"startup-load:{m.name}")
 
-    async def _admission(self, slot: Slot) -> None:
-        """Wait in the FIFO until `plan` admits the model (its load has then started)."""
-        fut = slot.admission
-        if fut is None:
-            fut = asyncio.get_running_loop().create_future()
-            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
-            slot.admission = fut
-            self._queue.append(slot)
-            self._pump()
-            if not fut.done() and self._queue[0] is not slot:
-                log.info("model %s waits to load behind %s", slot.entry.name,
-                         ", ".join(s.entry.name for s in self._queue[: self._queue.index(slot)]))
-        if fut.done():  # admitted, or refused, on the spot
-            return fut.result()
-        slot.admission_waiters += 1
+    async def _quiet_load(self, name: str) -> None:
         try:
-            await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            if stopped_under_us(fut):
-                raise self._stopped_error(slot, "waiting to load") from None
-            raise
+            await self.load(name, wait=True)
+        except PoolError as exc:
+            log.error("load_on_startup model %s: %s", name, exc.message)
+
+    def drain(self) -> None:
+        self.scheduler.drain()
+
+    def cut(self) -> None:
+        """The drain is over: waiters are refused now, loads stopped, and every worker's
+        grace ends (what is still running ends at once)."""
+        self._feed(self.scheduler.cut())
+        if self._workers:
+            log.warning("stopping %d worker(s) without further grace", len(self._workers))
+        for key, worker in list(self._workers.items()):
+            self._stop(key, worker, 0.0)
+
+    async def close(self, grace: float) -> None:
+        """Stop every worker by the ladder, giving what runs `grace` seconds; returns once
+        every worker has exited and every task of the pool has ended."""
+        self._feed(self.scheduler.close(grace))
+        for key, worker in list(self._workers.items()):
+            if key not in self._stopped:  # whatever a race left behind is stopped too
+                self._stop(key, worker, 0.0)
+        while self._tasks:  # the timer ends too: the scheduler is closed
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    # ---- carrying out effects -------------------------------------------------------
+
+    def _feed(self, effects: list[Effect]) -> None:
+        """Carry out `effects` in order. Effects of events fed while this runs (a callback
+        releasing at once) queue behind, so the scheduler is never re-entered."""
+        self._effects.extend(effects)
+        if self._applying:
+            return
+        self._applying = True
+        try:
+            while self._effects:
+                self._apply(self._effects.pop(0))
         finally:
-            slot.admission_waiters -= 1
-            if slot.admission_waiters == 0 and slot.admission is fut and not fut.done():
-                # The last one waiting left (a client disconnected): nobody needs the load.
-                log.info("model %s left the load queue: nobody waits for it any more", slot.entry.name)
-                self._dequeue(slot)
-                self._pump()
+            self._applying = False
+        self._changed.set()
+        if self.scheduler.idle:
+            self._on_idle()
 
-    def _stopped_error(self, slot: Slot, doing: str) -> PoolError:
-        why = "modelherd is shutting down" if self._closed else "it was unloaded"
-        return PoolError(ErrorKind.UNAVAILABLE, f"model {slot.entry.name!r} was {doing} and {why}")
+    def _apply(self, effect: Effect) -> None:
+        if isinstance(effect, Grant):
+            self._grant(effect)
+        elif isinstance(effect, Deny):
+            notify = self._notify.pop(effect.waiter, None)
+            if notify is not None:
+                why = effect.why
+                notify(PoolError(why.kind, why.message, why.retry_after))
+        elif isinstance(effect, Status):
+            view = self.view(effect.model)
+            if view is not None:
+                self._on_status(view)
+        elif isinstance(effect, Log):
+            log.log(effect.level, "%s", effect.message)
+        elif isinstance(effect, StartLoad):
+            self._start_load(effect)
+        elif isinstance(effect, Stop):
+            worker = self._workers.get((effect.model, effect.gen))
+            if worker is not None:
+                self._stop((effect.model, effect.gen), worker, effect.grace)
+        elif isinstance(effect, EstimateMemory):
+            self._own(self._estimate(effect.model), f"estimate:{effect.model}")
 
-    async def _estimate(self, slot: Slot) -> Estimate | None:
-        fut = self._estimates.get(slot.entry.name)
-        if fut is None:  # one file read however many requests ask at once
-            fut = asyncio.ensure_future(asyncio.to_thread(self._estimator, slot.entry.worker))
-            self._estimates[slot.entry.name] = fut
-        try:
-            return await asyncio.shield(fut)
-        except Exception as exc:  # never a 500: the load itself will say what is wrong
-            self._estimates.pop(slot.entry.name, None)  # and the next load asks again
-            log.warning("model %s: cannot estimate its memory: %r", slot.entry.name, exc)
-            return None
+    def _stop(self, key: tuple[str, int], worker: WorkerHandle, grace: float) -> None:
+        self._stopped.add(key)
+        self._own(worker.stop(grace), f"stop:{key[0]}")
 
-    def _dequeue(self, slot: Slot) -> None:
-        if slot.admission is not None and not slot.admission.done():
-            slot.admission.cancel()
-        slot.admission = None
-        slot.wait_reason = None
-        if slot in self._queue:
-            self._queue.remove(slot)
+    def _grant(self, grant: Grant) -> None:
+        notify = self._notify.get(grant.waiter)
+        if notify is None:
+            return
+        worker = self._workers.get((grant.model, grant.gen))
+        if worker is None or not worker.alive:  # it ended between its load and this turn
+            del self._notify[grant.waiter]
+            error = worker.gone_error() if worker is not None else (
+                ErrorKind.UNAVAILABLE, f"model {grant.model!r} was unloaded; retry")
+            self._feed(self.scheduler.release(grant.waiter, self._clock()))
+            notify(PoolError(*error))
+            return
+        notify(worker)
 
-    async def _join_load(self, slot: Slot, task: asyncio.Task[WorkerHandle]) -> WorkerHandle:
-        try:
-            worker = await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if stopped_under_us(task):
-                raise self._stopped_error(slot, "loading") from None
-            raise
-        if not worker.alive:  # it ended between its load and this request's turn
-            raise PoolError(*worker.gone_error())
-        return worker
+    def _start_load(self, effect: StartLoad) -> None:
+        m = self.scheduler.model(effect.model)
+        assert m is not None
+        progress = self._load_progress(m)
+        key = (effect.model, effect.gen)
 
-    # ---- the decisions ------------------------------------------------------------
+        def on_progress(msg: LoadProgress | DownloadProgress) -> None:
+            progress.report(msg)
+            if self.scheduler.model(effect.model) is m and m.gen == effect.gen:
+                view = self.view(effect.model)
+                if view is not None:
+                    self._on_progress(view)
 
-    def _pump(self) -> None:
-        """Admit queued models in order while `plan` allows: strictly FIFO among those
-        waiting for a place. One whose old worker is still stopping waits for that alone
-        and holds nobody up."""
-        for slot in list(self._queue):
-            if self._closed:
-                return
-            fut = slot.admission
-            if fut is None or fut.done():
-                self._queue.remove(slot)
-                continue
-            if slot.status is ModelStatus.UNLOADING:
-                continue
-            if slot.status is ModelStatus.LOADED and slot.worker is not None and slot.worker.alive:
-                self._queue.remove(slot)  # loaded meanwhile (an explicit load): nothing to decide
-                slot.admission = None
-                fut.set_result(None)
-                continue
-            slots = list(self._slots.values())
-            rss = live_rss(slots, self._memory)
-            available = memory_budget(slots, rss, self._memory.available(), self.settings.memory_margin)
-            decision = plan(slot.need, holders(slots, slot, rss), self.settings.max_models, available)
-            if isinstance(decision, Wait):
-                if slot.wait_reason != decision.reason:
-                    log.info("model %s waits to load: %s", slot.entry.name, decision.reason)
-                slot.wait_reason = decision.reason
-                return
-            self._queue.remove(slot)
-            slot.admission = None
-            slot.wait_reason = None
-            if isinstance(decision, Refuse):
-                error = refusal_error(slot, decision, available, self.settings.memory_margin)
-                log.warning("%s", error.message)
-                fut.set_exception(error)
-                continue
-            assert isinstance(decision, Admit)
-            evictions = [self._evict(self._slots[name], slot) for name in decision.victims]
-            self._begin_load(slot, evictions)
-            fut.set_result(None)
+        worker = self._launch(m.entry, on_progress, lambda w: self._exited(key, w))
+        self._workers[key] = worker
+        self._own(self._load(key, worker), f"load:{effect.model}")
 
-    def _begin_load(self, slot: Slot, evictions: list[asyncio.Task[None]]) -> asyncio.Task[WorkerHandle]:
-        slot.reset_progress()  # first: the status change is reported without the old load's
-        slot.status = ModelStatus.LOADING  # holds its place from now, even while victims stop
-        task = asyncio.create_task(self._load(slot, evictions), name=f"load:{slot.entry.name}")
-        slot.load_task = task
-        task.add_done_callback(self._load_finished)
-        return task
-
-    def _load_finished(self, task: asyncio.Task[WorkerHandle]) -> None:
-        if not task.cancelled():
-            task.exception()  # awaited by requests; marks a failure seen if none was waiting
-        self._state_changed()  # a failed load gave its place back
-
-    def _evict(self, victim: Slot, newcomer: Slot) -> asyncio.Task[None]:
-        victim.status = ModelStatus.UNLOADING  # from now on no request can lease it
-        log.info("evicting model %s (idle, least recently used) to make room for %s",
-                 victim.entry.name, newcomer.entry.name)
-        task = asyncio.create_task(self._stop(victim, self.settings.stop_timeout),
-                                   name=f"evict:{victim.entry.name}")
-        self._own(task)
-        return task
-
-    async def _load(self, slot: Slot, evictions: list[asyncio.Task[None]]) -> WorkerHandle:
-        try:
-            if evictions:
-                await asyncio.wait(evictions)  # wait, not gather: a cancelled load lets them finish
-            async with slot.lock:
-                return await self._spawn_and_start(slot)
-        except asyncio.CancelledError:
-            if slot.worker is None:
-                slot.status = ModelStatus.UNLOADED
-            raise
-
-    async def _spawn_and_start(self, slot: Slot) -> WorkerHandle:
-        name = slot.entry.name
-        slot.status = ModelStatus.LOADING
-        worker = self._launch(slot.entry, lambda msg: self._on_progress(slot, msg),
-                              lambda w: self._on_exit(slot, w))
-        slot.worker = worker
-        self._workers.add(worker)
+    async def _load(self, key: tuple[str, int], worker: WorkerHandle) -> None:
+        name, gen = key
         started = self._clock()
         try:
-            info = await worker.start(self.settings.load_timeout)
+            info = await worker.start(self._load_timeout)
             if not worker.alive:  # it died between Ready and now: its exit was not ours to handle
                 raise WorkerStartError(f"the worker exited right after loading ({worker.describe_exit()})")
         except WorkerStartError as exc:
-            slot.worker = None
-            self._fail(slot, Failure(exc.message, worker.exit_code, list(worker.log_tail)),
-                       load=True)
-            raise PoolError(ErrorKind.LOAD_FAILED, f"model {name!r} failed to load: {exc.message}",
-                            retry_after=math.ceil(slot.retry_at - self._clock())) from exc
-        except asyncio.CancelledError:
-            # The stop must finish even if this task is cancelled again meanwhile,
-            # or the worker would outlive everything that knows about it.
-            stopper = asyncio.create_task(worker.stop(grace=0), name=f"stop:{name}")
-            self._own(stopper)
-            slot.worker = None
-            slot.status = ModelStatus.UNLOADED
-            await asyncio.shield(stopper)
-            raise
-        slot.info = info
-        slot.status = ModelStatus.LOADED
-        slot.failure = None
-        slot.failures = 0
-        slot.retry_at = 0.0
-        slot.last_used = self._clock()
-        slot.last_rss = self.rss(slot) or 0
-        log.info("model %s loaded in %.2f s (pid %s, %d MiB)", name, self._clock() - started,
-                 worker.pid, slot.last_rss // MIB)
-        return worker
-
-    def _fail(self, slot: Slot, failure: Failure, load: bool) -> None:
-        slot.failure = failure  # first: the status change is reported with it
-        slot.status = ModelStatus.FAILED
-        if load:  # a model that cannot load backs off instead of respawning per request
-            slot.failures += 1
-            delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (slot.failures - 1))
-            slot.retry_at = self._clock() + delay
-            log.error("model %s failed to load (%d in a row; automatic retries paused for %.0f s): %s",
-                      slot.entry.name, slot.failures, delay, failure.message)
-
-    def _on_progress(self, slot: Slot, msg: LoadProgress | DownloadProgress) -> None:
-        slot.report_progress(msg)
-
-    def _on_exit(self, slot: Slot, worker: WorkerHandle) -> None:
-        self._workers.discard(worker)
-        self._state_changed()
-        if slot.worker is not worker or slot.status is ModelStatus.LOADING:
-            return  # a replaced worker, or a load in progress: the load task reports the outcome
-        slot.worker = None
-        slot.info = None
-        if worker.stopping:
-            if slot.status is not ModelStatus.UNLOADING:
-                slot.status = ModelStatus.UNLOADED
+            failure = Failure(exc.message, worker.exit_code, tuple(worker.log_tail))
+            self._feed(self.scheduler.load_failed(name, gen, self._clock(), failure))
             return
-        self._fail(slot, Failure(f"worker exited unexpectedly ({worker.describe_exit()})",
-                                 worker.exit_code, list(worker.log_tail)), load=False)
-        log.error("model %s failed: %s", slot.entry.name, slot.failure.message if slot.failure else "")
+        self._info[name] = info
+        rss = self._memory.rss(worker.pid) if worker.pid is not None else None
+        log.info("model %s loaded in %.2f s (pid %s, %d MiB)", name, self._clock() - started,
+                 worker.pid, (rss or 0) // MIB)
+        self._feed(self.scheduler.load_done(name, gen, self._clock(), rss or 0))
 
-    # ---- stopping ---------------------------------------------------------------
+    def _exited(self, key: tuple[str, int], worker: WorkerHandle) -> None:
+        self._workers.pop(key, None)
+        self._stopped.discard(key)
+        exit_of = self._exits.pop(key, None)
+        if exit_of is not None and not exit_of.done():
+            exit_of.set_result(None)
+        failure = None
+        if not worker.stopping:
+            failure = Failure(f"worker exited unexpectedly ({worker.describe_exit()})",
+                              worker.exit_code, tuple(worker.log_tail))
+        self._feed(self.scheduler.worker_exited(key[0], key[1], self._clock(), failure))
 
-    async def _unload(self, slot: Slot, grace: float | None) -> None:
-        self._dequeue(slot)
-        task = slot.load_task
-        if task is not None and not task.done():
-            if not task.cancelling():  # concurrent unloads cancel a load once, then all wait
-                task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        slot.failures = 0  # an operator's unload clears the backoff
-        slot.retry_at = 0.0
-        await self._stop(slot, self.settings.stop_timeout if grace is None else grace)
+    def _exit_future(self, name: str, gen: int) -> asyncio.Future[None]:
+        fut = self._exits.get((name, gen))
+        if fut is None:
+            fut = self._exits[(name, gen)] = asyncio.get_running_loop().create_future()
+            if (name, gen) not in self._workers:
+                fut.set_result(None)
+        return fut
 
-    async def _stop(self, slot: Slot, grace: float) -> None:
-        async with slot.lock:
-            worker = slot.worker
-            if worker is not None:
-                slot.status = ModelStatus.UNLOADING
-                await worker.stop(grace)
-                if slot.worker is worker:
-                    slot.worker = None
-            if slot.load_task is None or slot.load_task.done():
-                slot.status = ModelStatus.UNLOADED
-            slot.info = None
-        self._state_changed()
+    async def _estimate(self, name: str) -> None:
+        m = self.scheduler.model(name)
+        estimate: Estimate | None = None
+        if m is not None:
+            try:
+                estimate = await asyncio.to_thread(self._estimator, m.entry.worker)
+            except Exception as exc:  # never a 500: the load itself will say what is wrong
+                log.warning("model %s: cannot estimate its memory: %r", name, exc)
+        self._feed(self.scheduler.estimated(name, estimate))
 
-    # ---- time -------------------------------------------------------------------
-
-    def reap_idle(self, now: float) -> float | None:
-        """Unload models idle past their ttl; when the next one falls due (None: never)."""
-        due: float | None = None
-        for slot in self._slots.values():
-            ttl = slot.entry.policy.ttl
-            if (ttl <= 0 or slot.entry.policy.pinned or slot.status is not ModelStatus.LOADED
-                    or slot.in_flight or slot.admission is not None):
-                continue
-            expiry = slot.last_used + ttl
-            if expiry > now:
-                due = expiry if due is None else min(due, expiry)
-                continue
-            slot.status = ModelStatus.UNLOADING
-            log.info("unloading model %s: idle for %.0f s (ttl %g s)", slot.entry.name,
-                     now - slot.last_used, ttl)
-            self._own(asyncio.create_task(self._stop(slot, self.settings.stop_timeout),
-                                          name=f"idle-unload:{slot.entry.name}"))
-        return due
-
-    async def _janitor_loop(self) -> None:
-        while True:
+    async def _time(self) -> None:
+        """Tick the scheduler when its next deadline comes, or sooner after any event."""
+        while not self.scheduler.closed:
             self._changed.clear()
             now = self._clock()
-            due = self.reap_idle(now)
-            if self._queue:
-                self._pump()
-                due = min(due or math.inf, now + REPLAN_S)
-            timeout = None if due is None else max(0.0, due - now)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout)
+            due = self.scheduler.next_deadline(now)
+            if due is not None and due <= now:
+                self._feed(self.scheduler.tick(now))
+                continue
+            try:
+                async with asyncio.timeout(None if due is None else due - now):
+                    await self._changed.wait()
+            except TimeoutError:
+                pass
 
-    def _state_changed(self) -> None:
-        """A model became idle, or a place or memory was freed: re-plan, re-time."""
-        self._pump()
-        self._changed.set()
-
-    def _own(self, task: asyncio.Task[Any]) -> None:
+    def _own(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+        return task
 
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("pool task %s failed", task.get_name(), exc_info=task.exception())
+
+
+class WorkerMemory:
+    """The scheduler's memory probe: the system's, and each model's live worker's RSS."""
+
+    def __init__(self, memory: Memory, pool: Pool) -> None:
+        self._memory = memory
+        self._pool = pool
+
+    def available(self) -> int:
+        return self._memory.available()
+
+    def rss(self, model: str) -> int | None:
+        worker = self._pool.worker(model)
+        return self._memory.rss(worker.pid) if worker is not None and worker.pid is not None else None

@@ -25,7 +25,17 @@ from typing import Any
 import msgspec
 
 from protocol.messages import DownloadProgress
-from router.slots import ModelStatus, Slot
+from router.modelstate import ModelStatus
+from router.pool import ModelView
+from router.schema import (
+    DownloadState,
+    FeedData,
+    FeedEvent,
+    FeedState,
+    FileDone,
+    LoadStage,
+    Snapshot,
+)
 
 _json = msgspec.json.Encoder()
 
@@ -33,28 +43,30 @@ THROTTLE_S = 0.1
 QUEUE_EVENTS = 256
 
 
-def event_line(model: str | None, event: str, data: dict[str, Any]) -> bytes:
-    return b"data: " + _json.encode({"model": model, "event": event, "data": data}) + b"\n\n"
+def event_line(model: str | None, event: str, data: FeedData) -> bytes:
+    return b"data: " + _json.encode(FeedEvent(model, event, data)) + b"\n\n"
 
 
-def model_state(slot: Slot) -> dict[str, Any]:
+def model_state(view: ModelView) -> FeedState:
     """What a status_change (and a snapshot entry) says about a model."""
-    state: dict[str, Any] = {"status": slot.public_status}
-    if slot.status is ModelStatus.FAILED and slot.failure is not None:
-        state["exit_code"] = slot.failure.exit_code
-        state["message"] = slot.failure.message
-    elif slot.status is ModelStatus.LOADING and slot.download is not None:
-        state |= download_data(slot.download)
-    elif slot.status is ModelStatus.LOADING and slot.stage:
-        state["stage"] = slot.stage
-        state["value"] = round(slot.progress, 4)
+    state = FeedState(status=view.public_status)
+    m, progress = view.model, view.progress
+    if m.status is ModelStatus.FAILED and m.failure is not None:
+        state.exit_code = m.failure.exit_code
+        state.message = m.failure.message
+    elif m.status is ModelStatus.LOADING and progress.download is not None:
+        d = download_data(progress.download)
+        state.file, state.downloaded, state.total = d.file, d.downloaded, d.total
+        state.bytes_per_s, state.eta_s = d.bytes_per_s, d.eta_s
+    elif m.status is ModelStatus.LOADING and progress.stage:
+        state.stage = progress.stage
+        state.value = round(progress.value, 4)
     return state
 
 
-def download_data(msg: DownloadProgress) -> dict[str, Any]:
+def download_data(msg: DownloadProgress) -> DownloadState:
     eta = None if msg.eta_s is None else round(msg.eta_s, 1)
-    return {"file": msg.file, "downloaded": msg.downloaded, "total": msg.total,
-            "bytes_per_s": round(msg.bytes_per_s), "eta_s": eta}
+    return DownloadState(msg.file, msg.downloaded, msg.total, round(msg.bytes_per_s), eta)
 
 
 class Resync:
@@ -103,18 +115,18 @@ class Subscriber:
 
 
 class ModelEvents:
-    def __init__(self, slots: Callable[[], list[Slot]], *, interval: float = THROTTLE_S,
+    def __init__(self, views: Callable[[], list[ModelView]], *, interval: float = THROTTLE_S,
                  queue_events: int = QUEUE_EVENTS, clock: Callable[[], float] = time.monotonic,
                  call_later: Callable[[float, Callable[[], None]], Any] | None = None) -> None:
-        self._slots = slots
+        self._views = views
         self._interval = interval
         self._queue_events = queue_events
         self._clock = clock
         self._call_later = call_later or (lambda delay, fn: asyncio.get_running_loop().call_later(delay, fn))
         self._subscribers: set[Subscriber] = set()
         self._sent_at: dict[tuple[str, str], float] = {}
-        self._sent: dict[tuple[str, str], dict[str, Any]] = {}
-        self._held: dict[tuple[str, str], dict[str, Any]] = {}
+        self._sent: dict[tuple[str, str], FeedData] = {}
+        self._held: dict[tuple[str, str], FeedData] = {}
         self._timers: dict[tuple[str, str], Any] = {}
         self._downloading: dict[str, bool] = {}  # models between their first and last download report
 
@@ -129,8 +141,12 @@ class ModelEvents:
         self._subscribers.discard(sub)
 
     def snapshot(self) -> bytes:
-        models = [{"id": s.entry.name, **model_state(s)} for s in self._slots()]
-        return event_line(None, "snapshot", {"models": models})
+        models = []
+        for view in self._views():
+            state = model_state(view)
+            state.id = view.name
+            models.append(state)
+        return event_line(None, "snapshot", Snapshot(models))
 
     def close(self) -> None:
         """End every subscriber's stream (the daemon is stopping)."""
@@ -143,35 +159,39 @@ class ModelEvents:
 
     # ---- publishing -----------------------------------------------------------
 
-    def watch(self, slot: Slot, what: str) -> None:
-        """The pool's slots call this on every status change and load progress report."""
-        name = slot.entry.name
-        if what == "status":
-            self._flush_model(name)  # progress held back goes out before the change
-            was_downloading = slot.status is not ModelStatus.LOADING and self._downloading.pop(name, False)
-            if slot.status is ModelStatus.FAILED and was_downloading:
-                self.publish(name, "download_failed", model_state(slot))
-            self.publish(name, "status_change", model_state(slot))
-        elif slot.download is not None:
-            msg = slot.download
+    def status(self, view: ModelView) -> None:
+        """The pool reports every status change of a model."""
+        name = view.name
+        self._flush_model(name)  # progress held back goes out before the change
+        was_downloading = view.status is not ModelStatus.LOADING and self._downloading.pop(name, False)
+        if view.status is ModelStatus.FAILED and was_downloading:
+            self.publish(name, "download_failed", model_state(view))
+        self.publish(name, "status_change", model_state(view))
+
+    def load_progress(self, view: ModelView) -> None:
+        """The pool reports every progress report of a model's load (or download)."""
+        name = view.name
+        progress = view.progress
+        if progress.download is not None:
+            msg = progress.download
             if not self._downloading.get(name):
                 self._downloading[name] = True
-                self.publish(name, "status_change", model_state(slot))  # now "downloading"
+                self.publish(name, "status_change", model_state(view))  # now "downloading"
             self.progress(name, "download_progress", download_data(msg), final=msg.finished)
             if msg.finished:
                 self._downloading.pop(name, None)
-                self.publish(name, "download_finished", {"file": msg.file})
-                self.publish(name, "status_change", {"status": ModelStatus.LOADING.value})
+                self.publish(name, "download_finished", FileDone(msg.file))
+                self.publish(name, "status_change", FeedState(status=ModelStatus.LOADING.value))
         else:
-            self.progress(name, "load_progress", {"stage": slot.stage, "value": round(slot.progress, 4)},
-                          final=slot.progress >= 1.0)
+            self.progress(name, "load_progress", LoadStage(progress.stage, round(progress.value, 4)),
+                          final=progress.value >= 1.0)
 
-    def publish(self, model: str | None, event: str, data: dict[str, Any]) -> None:
+    def publish(self, model: str | None, event: str, data: FeedData) -> None:
         line = event_line(model, event, data)
         for sub in self._subscribers:
             sub.push(line)
 
-    def progress(self, model: str, event: str, data: dict[str, Any], final: bool = False) -> None:
+    def progress(self, model: str, event: str, data: FeedData, final: bool = False) -> None:
         key = (model, event)
         if self._sent.get(key) == data and key not in self._held:
             return  # a repeat (llama.cpp reports 1.0, then the backend does)
@@ -191,7 +211,7 @@ class ModelEvents:
         if data is not None:
             self._send(key, data, self._clock())
 
-    def _send(self, key: tuple[str, str], data: dict[str, Any], now: float) -> None:
+    def _send(self, key: tuple[str, str], data: FeedData, now: float) -> None:
         self._sent_at[key] = now
         self._sent[key] = data
         self.publish(key[0], key[1], data)

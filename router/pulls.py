@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
 from collections.abc import Callable
-from multiprocessing.process import BaseProcess
 
 import msgspec
+import multiprocess
+from multiprocess.process import BaseProcess
 
 from protocol.messages import Download, DownloadProgress, LoadFailed
 from router.launch import run_pull
 from router.progress import ModelEvents, download_data
+from router.schema import Failed, FileDone
 
 log = logging.getLogger("modelherd.pulls")
 
@@ -25,7 +26,7 @@ _decode = msgspec.msgpack.Decoder(DownloadProgress | LoadFailed).decode
 
 class PullProcess:
     def __init__(self, download: Download) -> None:
-        ctx = multiprocessing.get_context("spawn")
+        ctx = multiprocess.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._proc: BaseProcess = ctx.Process(target=run_pull, args=(download, child), daemon=True,
                                               name="modelherd-pull")
@@ -56,7 +57,8 @@ class PullProcess:
             self._proc.terminate()
             self._proc.join(grace)
         self._conn.close()
-        return self._proc.exitcode
+        code: int | None = self._proc.exitcode
+        return code
 
 
 def outcome(proc: PullProcess, on_progress: Callable[[DownloadProgress], None]) -> str | None:
@@ -105,10 +107,10 @@ class Pulls:
         self._running.pop(name, None)
         failure = "cancelled" if task.cancelled() else (task.exception() or task.result())
         if failure is None:
-            self._events.publish(name, "download_finished", {})
+            self._events.publish(name, "download_finished", FileDone())
         else:
             log.warning("pulling %s failed: %s", name, failure)
-            self._events.publish(name, "download_failed", {"message": str(failure)})
+            self._events.publish(name, "download_failed", Failed(str(failure)))
 
     async def close(self, grace: float = CANCEL_GRACE_S) -> None:
         """Cancel every pull; one that does not stop within `grace` (a read can wait for

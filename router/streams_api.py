@@ -4,91 +4,58 @@
     POST   /v1/streams/lookup             {"conversation_ids": [...]} -> [{...}, ...]
     DELETE /v1/stream?conv_id=ID          stop and free; always 204
 
-The tracker says which worker owns a conversation. Only the owners of the named
-ids are asked, in parallel, each within `fanout_timeout`: a slow or dead worker
-makes its ids absent, it never holds up the answer.
+The tracker says which exchange, and so which worker, owns a conversation. Only the
+owners of the named ids are asked, in parallel, each within `fanout_timeout`: a slow
+or dead worker makes its ids absent, it never holds up the answer. (A POST that makes
+a stream is the proxy's: router.proxy.)
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
 
-import msgspec
 from starlette.datastructures import QueryParams
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from protocol.errors import ErrorKind
-from protocol.messages import (
-    STREAM_DELETED,
-    STREAM_REPLACED,
-    StreamDelete,
-    StreamLookup,
-    StreamRead,
-    StreamState,
-    StreamStates,
-)
+from protocol.messages import STREAM_DELETED, StreamLookup, StreamState, StreamStates
+from router.asgi import SSE_HEADERS, ClientGone, decode, json_response, read_body
 from router.auth import owner
 from router.bridge import Bridge
-from router.convs import Conversation, Tracker, conversation_id
+from router.convs import (
+    DELETED_WHILE_LOADING,
+    EVICTED,
+    EVICTED_WHILE_LOADING,
+    NOT_FOUND,
+    OWNER_LOADING,
+    Conversation,
+    Tracker,
+    conversation_id,
+)
 from router.errors import HTTPError
-from router.pool import Pool
-from router.proxy import ClientGone, read_body
-from router.relay import SSE_HEADERS, relay, while_client_stays
-from router.slots import WorkerHandle
+from router.exchange import Exchange
+from router.pool import WorkerHandle
+from router.schema import LookupBody, LookupEntry
 
 MAX_LOOKUP_IDS = 1024
 MAX_LOOKUP_BODY = 256 * 1024
 LOADING_RETRY_S = 2  # llama.cpp's web UI retries a resume every 2 s
 
-NOT_FOUND = "Stream not found or expired"
-OWNER_LOADING = "Stream owner model is loading, retry later"
-DELETED_WHILE_LOADING = "request cancelled by a stop while the model was loading"
-EVICTED = "too many conversations are tracked (max_conversations) and this one was the least recently used"
-EVICTED_WHILE_LOADING = f"request cancelled: {EVICTED}"
-REPLACED_WHILE_LOADING = ("request cancelled: a newer request took over this conversation "
-                          "while the model was loading")
-
-
-class _LookupBody(msgspec.Struct):
-    conversation_ids: list[str]
-
 
 class Streams:
-    def __init__(self, pool: Pool, bridge: Bridge, tracker: Tracker, fanout_timeout: float) -> None:
-        self.pool = pool
+    def __init__(self, bridge: Bridge, tracker: Tracker, fanout_timeout: float) -> None:
         self.bridge = bridge
         self.tracker = tracker
         self.fanout_timeout = fanout_timeout
         tracker.on_evict = self._evicted
 
-    # ---- the POST side ----------------------------------------------------------------
-
-    async def take_over(self, old: Conversation) -> None:
-        """A new POST took the id of `old`: stop old's stream, on whichever model it runs."""
-        await self._stop(old, REPLACED_WHILE_LOADING, STREAM_REPLACED)
-
-    async def _stop(self, conv: Conversation, if_waiting: str, if_running: str) -> None:
-        """Stop its POST, which is told why: `if_waiting` if it still waits for its model
-        (a 400), else `if_running` (an error event on the stream)."""
-        if conv.worker is None:
-            _cancel_waiting(conv, if_waiting)
-            return
-        key = conv.key
-        await self.bridge.ask(conv.worker, lambda req_id: StreamDelete(req_id, [key], if_running),
-                              self.fanout_timeout)
-
     def _evicted(self, conv: Conversation) -> None:
-        """The tracker's bound pushed `conv` out: nobody can reach its stream any more. Its
-        worker is told without waiting for the answer (this runs inside the tracker)."""
-        if conv.worker is None:
-            _cancel_waiting(conv, EVICTED_WHILE_LOADING)
-        else:
-            self.bridge.tell(conv.worker, StreamDelete(0, [conv.key], EVICTED))
+        """The tracker's bound pushed `conv` out: nobody can reach its stream any more."""
+        conv.exchange.stop(EVICTED, EVICTED_WHILE_LOADING)
 
     # ---- GET ------------------------------------------------------------------------
 
@@ -105,14 +72,8 @@ class Streams:
             await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
             await send({"type": "http.response.body", "body": b""})
             return
-        key = conv.key
-        # A reader leaving cancels only this replay: relay tells the worker to drop the
-        # reader, and the stream goes on.
-        async with while_client_stays(receive, f"stream-watch:{id(scope)}"):
-            try:
-                await relay(self.bridge, worker, lambda req_id: StreamRead(req_id, key, offset), None, send)
-            except HTTPError as exc:
-                await exc.send(send)
+        # A reader leaving ends only this replay: the worker drops the reader, the stream goes on.
+        await Exchange.replay(self.bridge, worker, conv.key, offset).run(send, receive)
 
     def _owner(self, who: str, conv_id: str) -> tuple[Conversation, WorkerHandle]:
         conv = self.tracker.get(who, conv_id)
@@ -127,9 +88,8 @@ class Streams:
         return conv, worker
 
     def _worker(self, conv: Conversation) -> WorkerHandle | None:
-        slot = self.pool.slot(conv.model)
-        worker = slot.worker if slot is not None else None
-        if worker is None or worker.identity != conv.worker or not self.bridge.connected(worker.identity):
+        worker = conv.exchange.worker
+        if worker is None or not worker.alive or not self.bridge.connected(worker.identity):
             return None
         return worker
 
@@ -138,16 +98,17 @@ class Streams:
     async def lookup(self, request: Request) -> Response:
         ids = await _lookup_ids(request)
         found = self.tracker.find(owner(request.scope), ids)
-        waiting = [c for c in found if c.worker is None]
         by_worker: dict[bytes, list[Conversation]] = {}
+        out: list[LookupEntry] = []
         for conv in found:
-            if conv.worker is not None:
+            if conv.worker is None:  # its POST still waits for the model
+                out.append(_entry(conv, StreamState(conv.key, False, 0, conv.started_at, 0.0)))
+            else:
                 by_worker.setdefault(conv.worker, []).append(conv)
         answers = await asyncio.gather(*(self._lookup(w, convs) for w, convs in by_worker.items()))
-        out = [_entry(c, StreamState(c.key, False, 0, c.started_at, 0.0)) for c in waiting]
         for pairs in answers:
             out.extend(_entry(conv, state) for conv, state in pairs)
-        return JSONResponse(out)
+        return json_response(out)
 
     async def _lookup(self, worker: bytes,
                       convs: list[Conversation]) -> list[tuple[Conversation, StreamState]]:
@@ -172,7 +133,7 @@ class Streams:
         conv = self.tracker.get(owner(request.scope), conv_id)
         if conv is not None:
             self.tracker.remove(conv)
-            await self._stop(conv, DELETED_WHILE_LOADING, STREAM_DELETED)
+            conv.exchange.stop(STREAM_DELETED, DELETED_WHILE_LOADING)
         return Response(status_code=204)
 
     def routes(self) -> list[Route]:
@@ -184,13 +145,6 @@ class Streams:
             Route("/v1/stream/{conv_id:path}", self.delete, methods=["DELETE"]),
             Route("/v1/streams/lookup", self.lookup, methods=["POST"]),
         ]
-
-
-def _cancel_waiting(conv: Conversation, reason: str) -> None:
-    """End a POST still waiting for its model; it answers 400 with `reason`."""
-    if conv.post is not None and not conv.post.done():
-        conv.stop_reason = reason
-        conv.post.cancel()
 
 
 class _Raw:
@@ -218,10 +172,10 @@ async def _lookup_ids(request: Request) -> list[str]:
     except ClientGone:
         return []
     try:
-        ids = msgspec.json.decode(body, type=_LookupBody).conversation_ids
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        ids = decode(body, LookupBody).conversation_ids
+    except HTTPError as exc:
         raise HTTPError(ErrorKind.INVALID_REQUEST,
-                        f'invalid body: expected {{"conversation_ids": [string, ...]}} ({exc})',
+                        f'invalid body: expected {{"conversation_ids": [string, ...]}} ({exc.message})',
                         "conversation_ids") from exc
     if len(ids) > MAX_LOOKUP_IDS:
         raise HTTPError(ErrorKind.INVALID_REQUEST, f"at most {MAX_LOOKUP_IDS} conversation ids per lookup",
@@ -229,11 +183,6 @@ async def _lookup_ids(request: Request) -> list[str]:
     return [conversation_id(i, "conversation_ids") for i in ids]
 
 
-def _entry(conv: Conversation, state: StreamState) -> dict[str, Any]:
-    return {
-        "conversation_id": conv.conv_id,
-        "is_done": state.is_done,
-        "total_bytes": state.total_bytes,
-        "started_at": int(state.started_at),
-        "completed_at": int(state.completed_at),
-    }
+def _entry(conv: Conversation, state: StreamState) -> LookupEntry:
+    return LookupEntry(conv.conv_id, state.is_done, state.total_bytes, int(state.started_at),
+                       int(state.completed_at))

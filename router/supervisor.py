@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import multiprocessing
 import os
 import signal
 import uuid
 from collections.abc import Callable
-from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
+
+import multiprocess
+from multiprocess.connection import Connection
+from multiprocess.process import BaseProcess
 
 from protocol.codec import VersionMismatch, check_hello
 from protocol.errors import ErrorKind
@@ -96,7 +97,7 @@ class WorkerProcess:
         loop = asyncio.get_running_loop()
         self._hello = loop.create_future()
         self._ready = loop.create_future()
-        ctx = multiprocessing.get_context("spawn")
+        ctx = multiprocess.get_context("spawn")
         life_r, life_w = ctx.Pipe(duplex=False)
         log_r, log_w = ctx.Pipe(duplex=False)
         self._proc = ctx.Process(

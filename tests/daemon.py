@@ -52,7 +52,7 @@ class Daemon:
         self._reader = threading.Thread(target=self._read, name="daemon-log", daemon=True)
         self._reader.start()
         try:
-            m = self.wait_for_log(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", timeout)
+            m = self.wait_for_log(r"listening on http://127\.0\.0\.1:(\d+)", timeout)
         except BaseException:
             self.proc.kill()  # a daemon that failed to start must not outlive the test
             self.proc.wait()

@@ -11,21 +11,22 @@ import zmq
 from protocol.codec import WorkerCodec
 from protocol.errors import ErrorKind
 from protocol.messages import PROTOCOL_VERSION, BodyChunk, Hello, ResponseEnd, ResponseHead, Upstream
-from router.bridge import Bridge, PeerUnreachable
+from router.bridge import Bridge, Item, PeerUnreachable
 
 
 def test_reader_survives_garbage_and_keeps_dispatching(tmp_path: Path) -> None:
     async def scenario() -> None:
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        bridge = Bridge(ctx, f"ipc://{tmp_path}/r.sock")
-        bridge.start()
+        bridge = Bridge()
+        bridge.start(ctx, f"ipc://{tmp_path}/r.sock")
         got: list[Upstream] = []
         bridge.add_peer(b"w1", got.append)
         dealer = ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.ROUTING_ID, b"w1")
         dealer.connect(bridge.endpoint)
         codec = WorkerCodec()
-        req_id, queue = bridge.open_stream(b"w1")
+        queue: asyncio.Queue[Item] = asyncio.Queue()
+        req_id = bridge.open_stream(b"w1", queue.put_nowait)
         for bad in ([b""], [b"\xc1"], [msgspec.msgpack.encode({"t": "teleport"})],
                     codec.encode(BodyChunk(req_id)),          # payload frame missing
                     [b"a", b"b", b"c"]):

@@ -7,8 +7,29 @@ import tracemalloc
 
 import pytest
 
-from router.convs import Tracker, conversation_id
+from router.convs import Conversation, Tracker, conversation_id, stream_key
 from router.errors import HTTPError
+
+
+class Worker:
+    def __init__(self, identity: bytes) -> None:
+        self.identity = identity
+
+
+class Post:
+    """What the tracker holds of an exchange: its stream key and, once it runs, its worker."""
+
+    def __init__(self, key: str) -> None:
+        self.stream_key = key
+        self.worker: Worker | None = None
+
+
+def begin(t: Tracker, owner: str, conv_id: str, model: str) -> tuple[Conversation, Conversation | None]:
+    return t.begin(conv_id, model, Post(stream_key(owner, conv_id)))  # type: ignore[arg-type]
+
+
+def assign(conv: Conversation, identity: bytes) -> None:
+    conv.exchange.worker = Worker(identity)  # type: ignore[assignment]
 
 
 class Clock:
@@ -21,10 +42,10 @@ class Clock:
 
 def test_a_new_post_replaces_the_entry_and_returns_the_old_one() -> None:
     t = Tracker(10, 300)
-    first, old = t.begin("", "c", "m1", None)
+    first, old = begin(t, "", "c", "m1")
     assert old is None
-    t.assign(first, b"m1/w")
-    second, old = t.begin("", "c", "m2", None)
+    assign(first, b"m1/w")
+    second, old = begin(t, "", "c", "m2")
     assert old is first and t.get("", "c") is second
     t.remove(first)  # the replaced POST finishing late must not drop its successor
     t.finish(first)
@@ -33,8 +54,8 @@ def test_a_new_post_replaces_the_entry_and_returns_the_old_one() -> None:
 
 def test_owners_never_see_each_other() -> None:
     t = Tracker(10, 300)
-    a, _ = t.begin("k1", "shared", "m", None)
-    b, old = t.begin("k2", "shared", "m", None)
+    a, _ = begin(t, "k1", "shared", "m")
+    b, old = begin(t, "k2", "shared", "m")
     assert old is None and a.key != b.key
     assert t.get("k1", "shared") is a and t.get("k2", "shared") is b
     assert t.get("", "shared") is None
@@ -43,11 +64,11 @@ def test_owners_never_see_each_other() -> None:
 
 def test_lookup_finds_the_id_and_the_ids_it_prefixes_with_double_colon() -> None:
     t = Tracker(10, 300)
-    plain, _ = t.begin("", "conv", "m", None)
-    on_a, _ = t.begin("", "conv::model-a", "a", None)
-    on_b, _ = t.begin("", "conv::org/model-b", "b", None)
-    t.begin("", "conversation", "m", None)  # a longer id, not a '::' suffix
-    other, _ = t.begin("k", "conv::x", "m", None)
+    plain, _ = begin(t, "", "conv", "m")
+    on_a, _ = begin(t, "", "conv::model-a", "a")
+    on_b, _ = begin(t, "", "conv::org/model-b", "b")
+    begin(t, "", "conversation", "m")  # a longer id, not a '::' suffix
+    other, _ = begin(t, "k", "conv::x", "m")
     assert set(t.find("", ["conv"])) == {plain, on_a, on_b}
     assert t.find("", ["conv::model-a", "conv::model-a"]) == [on_a]
     t.remove(on_a)
@@ -58,8 +79,8 @@ def test_lookup_finds_the_id_and_the_ids_it_prefixes_with_double_colon() -> None
 def test_finished_entries_expire_after_retention_running_ones_never() -> None:
     clock = Clock()
     t = Tracker(10, 300, clock=clock)
-    done, _ = t.begin("", "done", "m", None)
-    running, _ = t.begin("", "running", "m", None)
+    done, _ = begin(t, "", "done", "m")
+    running, _ = begin(t, "", "running", "m")
     t.finish(done)
     clock.now = 299.9
     assert t.get("", "done") is done
@@ -73,12 +94,12 @@ def test_the_bound_evicts_the_least_recently_used_and_says_so() -> None:
     evicted: list[str] = []
     t = Tracker(3, 300, on_evict=lambda conv: evicted.append(conv.conv_id))
     for c in "abc":
-        t.begin("", c, "m", None)
+        begin(t, "", c, "m")
     t.get("", "a")  # used: now b is the least recent
-    t.begin("", "d", "m", None)
+    begin(t, "", "d", "m")
     assert [c.conv_id for c in t] == ["c", "a", "d"]
     assert evicted == ["b"]
-    t.begin("", "d", "m", None)  # a replacement is not an eviction
+    begin(t, "", "d", "m")  # a replacement is not an eviction
     t.remove(t.get("", "c"))  # type: ignore[arg-type]
     assert evicted == ["b"]
 
@@ -89,8 +110,8 @@ def test_memory_stays_flat_under_ten_thousand_conversations() -> None:
 
     def churn(start: int, count: int) -> None:
         for i in range(start, start + count):
-            conv, _ = t.begin("0123456789abcdef", f"conversation-{i:08d}::model/{i % 7}", "org/model", None)
-            t.assign(conv, b"org/model/abcd1234")
+            conv, _ = begin(t, "0123456789abcdef", f"conversation-{i:08d}::model/{i % 7}", "org/model")
+            assign(conv, b"org/model/abcd1234")
             if i % 2:
                 t.finish(conv)
 

@@ -14,7 +14,8 @@ import pytest
 
 from protocol.errors import ErrorKind
 from protocol.messages import WorkerConfig
-from worker.backend import BackendMissing, Finish, GenParams, make_backend
+from worker.backend import Finish, GenParams
+from worker.backends import BackendMissing, make_backend
 from worker.mlx_backend import MlxBackend
 from worker.schema import RequestInvalid
 

@@ -13,8 +13,10 @@ import pytest
 
 from protocol.messages import DownloadProgress, LoadProgress, WorkerConfig
 from router.catalog import ModelEntry
+from router.modelstate import Failure, Model, ModelStatus
+from router.pool import ModelView, Progress
 from router.progress import RESYNC, ModelEvents, Subscriber
-from router.slots import Failure, ModelStatus, Slot
+from router.schema import FeedState
 
 
 class Timers:
@@ -45,18 +47,39 @@ class Timer:
         self.cancelled = True
 
 
-def slot(name: str) -> Slot:
-    return Slot(ModelEntry(name, Path(name), "fake", (), "config", WorkerConfig(name, name)))
+class Slot:
+    """A model as the pool reports it to the feed: each status change and progress report."""
+
+    def __init__(self, name: str) -> None:
+        self.model = Model(ModelEntry(name, Path(name), "fake", (), "config", WorkerConfig(name, name)))
+        self.progress = Progress()
+        self.events: ModelEvents | None = None
+
+    @property
+    def view(self) -> ModelView:
+        return ModelView(self.model, self.progress, None, None, None)
+
+    def set(self, status: ModelStatus, failure: Failure | None = None) -> None:
+        self.model.failure = failure or self.model.failure
+        if status is not self.model.status:
+            self.model.status = status
+            assert self.events is not None
+            self.events.status(self.view)
+
+    def report(self, msg: LoadProgress | DownloadProgress) -> None:
+        self.progress.report(msg)
+        assert self.events is not None
+        self.events.load_progress(self.view)
 
 
 @pytest.fixture
 def setup() -> tuple[ModelEvents, Timers, list[Slot]]:
     timers = Timers()
-    slots = [slot("a"), slot("b")]
-    events = ModelEvents(lambda: slots, clock=lambda: timers.now, call_later=timers.call_later,
-                         queue_events=8)
+    slots = [Slot("a"), Slot("b")]
+    events = ModelEvents(lambda: [s.view for s in slots], clock=lambda: timers.now,
+                         call_later=timers.call_later, queue_events=8)
     for s in slots:
-        s.watcher = events.watch
+        s.events = events
     return events, timers, slots
 
 
@@ -70,10 +93,9 @@ def test_status_changes_go_out_as_llama_servers_envelope(
         setup: tuple[ModelEvents, Timers, list[Slot]]) -> None:
     events, _, (a, _b) = setup
     sub = events.subscribe()
-    a.status = ModelStatus.LOADING
-    a.status = ModelStatus.LOADING  # not a change: no event
-    a.failure = Failure("weights are corrupt", 3, [])
-    a.status = ModelStatus.FAILED
+    a.set(ModelStatus.LOADING)
+    a.set(ModelStatus.LOADING)  # not a change: no event
+    a.set(ModelStatus.FAILED, Failure("weights are corrupt", 3))
     assert drain(sub) == [
         {"model": "a", "event": "status_change", "data": {"status": "loading"}},
         {"model": "a", "event": "status_change",
@@ -89,16 +111,16 @@ def test_progress_is_throttled_but_the_first_and_the_last_go_out(
         setup: tuple[ModelEvents, Timers, list[Slot]]) -> None:
     events, timers, (a, _b) = setup
     sub = events.subscribe()
-    a.status = ModelStatus.LOADING
+    a.set(ModelStatus.LOADING)
     for i in range(10):  # ten reports within 45 ms
-        a.report_progress(LoadProgress("load", i / 20))
+        a.report(LoadProgress("load", i / 20))
         timers.advance(0.005)
     values = [e["data"]["value"] for e in drain(sub) if e["event"] == "load_progress"]
     assert values == [0.0]  # the first at once, the rest held back
     timers.advance(0.1)  # the interval ends: the latest held back goes out
     assert [e["data"]["value"] for e in drain(sub)] == [0.45]
-    a.report_progress(LoadProgress("load", 0.5))  # within the next interval: held
-    a.status = ModelStatus.LOADED  # ... and sent before the change
+    a.report(LoadProgress("load", 0.5))  # within the next interval: held
+    a.set(ModelStatus.LOADED)  # ... and sent before the change
     assert [(e["event"], e["data"]) for e in drain(sub)] == [
         ("load_progress", {"stage": "load", "value": 0.5}),
         ("status_change", {"status": "loaded"})]
@@ -110,12 +132,12 @@ def test_a_final_value_is_not_held_and_repeats_are_dropped(
         setup: tuple[ModelEvents, Timers, list[Slot]]) -> None:
     events, _, (a, _b) = setup
     sub = events.subscribe()
-    a.report_progress(LoadProgress("load", 0.0))
-    a.report_progress(LoadProgress("load", 1.0))  # within the interval, but final
-    a.report_progress(LoadProgress("load", 1.0))  # llama.cpp's 1.0, then the backend's
+    a.report(LoadProgress("load", 0.0))
+    a.report(LoadProgress("load", 1.0))  # within the interval, but final
+    a.report(LoadProgress("load", 1.0))  # llama.cpp's 1.0, then the backend's
     assert [e["data"]["value"] for e in drain(sub)] == [0.0, 1.0]
     # Each model is throttled on its own.
-    events.progress("b", "load_progress", {"value": 0.1})
+    events.progress("b", "load_progress", FeedState(status="x"))
     assert [e["model"] for e in drain(sub)] == ["b"]
 
 
@@ -124,12 +146,12 @@ def test_a_subscriber_that_falls_behind_gets_a_snapshot_instead(
     events, _, (_, b) = setup
     slow, fast = events.subscribe(), events.subscribe()
     for i in range(20):  # more than its queue holds (8)
-        events.publish("a", "status_change", {"n": i})
+        events.publish("a", "status_change", FeedState(status=str(i)))
         if i % 4 == 0:
             drain(fast)
     assert asyncio.run(slow.take(0)) is RESYNC
     assert asyncio.run(slow.take(0)) is None  # what it missed is not sent after all
-    b.status = ModelStatus.LOADING
+    b.set(ModelStatus.LOADING)
     assert [e["model"] for e in drain(slow)] == ["b"]  # live again
     assert len(drain(fast)) == 4  # the other subscriber lost nothing
 
@@ -151,11 +173,12 @@ def test_a_download_is_a_status_of_its_own_with_its_events(
         setup: tuple[ModelEvents, Timers, list[Slot]]) -> None:
     events, timers, (a, b) = setup
     sub = events.subscribe()
-    a.status = b.status = ModelStatus.LOADING
-    a.report_progress(DownloadProgress("m.gguf", 0, 100, 0.0, None))
+    a.set(ModelStatus.LOADING)
+    b.set(ModelStatus.LOADING)
+    a.report(DownloadProgress("m.gguf", 0, 100, 0.0, None))
     timers.advance(0.2)
-    a.report_progress(DownloadProgress("m.gguf", 100, 100, 50.0, 0.0, finished=True))
-    a.report_progress(LoadProgress("load", 0.0))
+    a.report(DownloadProgress("m.gguf", 100, 100, 50.0, 0.0, finished=True))
+    a.report(LoadProgress("load", 0.0))
 
     def got() -> list[tuple[str, str, object]]:
         return [(e["model"], e["event"], e["data"].get("status") or e["data"].get("downloaded"))
@@ -166,8 +189,7 @@ def test_a_download_is_a_status_of_its_own_with_its_events(
         ("a", "status_change", "downloading"), ("a", "download_progress", 0),
         ("a", "download_progress", 100), ("a", "download_finished", None), ("a", "status_change", "loading"),
         ("a", "load_progress", None)]
-    b.report_progress(DownloadProgress("n.gguf", 5, 100, 5.0, 19.0))
-    b.failure = Failure("HTTP 404", 3, [])
-    b.status = ModelStatus.FAILED
+    b.report(DownloadProgress("n.gguf", 5, 100, 5.0, 19.0))
+    b.set(ModelStatus.FAILED, Failure("HTTP 404", 3))
     assert got() == [("b", "status_change", "downloading"), ("b", "download_progress", 5),
                      ("b", "download_failed", "failed"), ("b", "status_change", "failed")]

@@ -38,7 +38,7 @@ from protocol.messages import (
     Upstream,
     WorkerStatus,
 )
-from worker.backend import make_backend
+from worker.backends import make_backend
 from worker.download import relay
 from worker.engine import Engine, Sink
 from worker.streams import StreamStore

@@ -1,4 +1,4 @@
-"""Worker entry point, the target the router starts with multiprocessing's spawn context."""
+"""Worker entry point, the target the router starts with multiprocess's spawn context."""
 
 from __future__ import annotations
 
