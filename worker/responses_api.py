@@ -1,0 +1,502 @@
+"""OpenAI's Responses API (`POST /v1/responses`): the request parsed into a `Task`, and the
+bytes of the answer rendered from what the generation produces (worker.outputs).
+
+`parse` checks the body and maps it to a chat-shaped Task; `ResponsesOptions` keeps what
+the answer echoes back and what the caller acts on (store, previous_response_id). A stored
+response is continued by rebuilding its conversation with `history_messages` and putting
+it in front of the new input with `with_history`.
+
+`ResponsesRenderer` is fed incrementally (start, delta..., finish) and returns the exact
+SSE bytes of each step, in OpenAI's event order with `sequence_number` counting from 0;
+`body` gives the non-streamed Response object, which is also what GET /v1/responses/{id}
+returns (`response_bytes` after a streamed finish).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TypeVar
+
+import msgspec
+from msgspec import UNSET
+from msgspec.structs import replace as struct_replace
+
+from protocol.errors import ErrorKind, param_of
+from worker import responses_wire as w
+from worker.outputs import Delta, Finish, Reasoning, Text, ToolCallBegin
+from worker.schema import RequestInvalid
+from worker.task import Message, Sampling, Task, Tool, ToolCall, ToolChoice
+from worker.task import Reasoning as TaskReasoning
+
+T = TypeVar("T")
+
+_json = msgspec.json.Encoder()
+_REQUEST = msgspec.json.Decoder(w.ResponsesRequest)
+_ITEM_HEAD = msgspec.json.Decoder(w.ItemHead)
+_MESSAGE = msgspec.json.Decoder(w.MessageItem)
+_CALL = msgspec.json.Decoder(w.FunctionCallItem)
+_CALL_OUTPUT = msgspec.json.Decoder(w.FunctionCallOutputItem)
+_REASONING = msgspec.json.Decoder(w.ReasoningItem)
+_TOOL_HEAD = msgspec.json.Decoder(w.ToolHead)
+_FUNCTION_TOOL = msgspec.json.Decoder(w.FunctionToolIn)
+_STORED_REQUEST = msgspec.json.Decoder(w.StoredRequest)
+_STORED_RESPONSE = msgspec.json.Decoder(w.StoredResponse)
+
+_Item = w.MessageItem | w.FunctionCallItem | w.FunctionCallOutputItem | w.ReasoningItem
+
+
+@dataclass(frozen=True)
+class ResponsesOptions:
+    """What a Response echoes from its request, and what the caller acts on."""
+
+    model: str
+    stream: bool = False
+    store: bool = True  # OpenAI's default: the response can be fetched (and continued) by id
+    previous_response_id: str | None = None
+    instructions: str | None = None
+    tools: list[w.FunctionToolOut] = field(default_factory=list)
+    tool_choice: w.ToolChoiceOut = "auto"
+    parallel_tool_calls: bool = True
+    text: w.TextConfig = field(default_factory=w.TextConfig)
+    reasoning: w.ReasoningConfig = field(default_factory=w.ReasoningConfig)
+    max_output_tokens: int | None = None
+    max_tool_calls: int | None = None
+    temperature: float | None = None  # None: not given, the model's default was used
+    top_p: float | None = None
+    truncation: str = "disabled"  # "auto" is echoed; dropping old turns is up to the caller
+    metadata: dict[str, str] = field(default_factory=dict)
+    user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def _at(message: str, where: str) -> str:
+    """A msgspec error about a nested value, with its path from the body's root."""
+    if " - at `$" in message:
+        return message.replace(" - at `$", f" - at `$.{where}", 1)
+    return f"{message} - at `$.{where}`"
+
+
+def _param(message: str) -> str | None:
+    param = param_of(message)
+    missing = "missing required field `"
+    if param is None and missing in message:  # a top-level field: msgspec names no path
+        param = message.split(missing, 1)[1].split("`", 1)[0]
+    return param
+
+
+def _decode(data: bytes, decoder: msgspec.json.Decoder[T], where: str = "") -> T:
+    try:
+        return decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        text = _at(str(exc), where) if where else str(exc)
+        raise RequestInvalid(f"invalid request: {text}", param=_param(text)) from exc
+    except msgspec.DecodeError as exc:
+        raise RequestInvalid(f"malformed JSON body: {exc}") from exc
+
+
+def _unsupported(message: str, param: str) -> RequestInvalid:
+    return RequestInvalid(message, kind=ErrorKind.UNSUPPORTED, param=param)
+
+
+def _refuse_platform_features(req: w.ResponsesRequest) -> None:
+    if req.background:
+        raise _unsupported("background responses are not supported: stream instead", "background")
+    if req.conversation is not None:
+        raise _unsupported("conversations are not supported: use previous_response_id", "conversation")
+    if req.prompt is not None:
+        raise _unsupported("stored prompt templates are not supported", "prompt")
+    if req.top_logprobs:
+        raise _unsupported("top_logprobs: logprobs are not supported yet", "top_logprobs")
+    if req.include and "message.output_text.logprobs" in req.include:
+        raise _unsupported("include: message.output_text.logprobs is not supported yet", "include")
+
+
+def _tools(raw: list[msgspec.Raw] | None) -> tuple[list[Tool], list[w.FunctionToolOut]]:
+    tools: list[Tool] = []
+    echo: list[w.FunctionToolOut] = []
+    for i, item in enumerate(raw or ()):
+        kind = _decode(item, _TOOL_HEAD, f"tools[{i}]").type
+        if kind != "function":
+            raise _unsupported(f"tools[{i}]: tool type {kind!r} is not supported; only function tools are",
+                               "tools")
+        fn = _decode(item, _FUNCTION_TOOL, f"tools[{i}]")
+        strict = True if fn.strict is None else fn.strict  # the Responses API's default
+        tools.append(Tool(fn.name, fn.description or "", fn.parameters or {}, strict))
+        echo.append(w.FunctionToolOut(name=fn.name, description=fn.description, parameters=fn.parameters,
+                                      strict=strict))
+    return tools, echo
+
+
+def _tool_choice(choice: w.ToolChoiceMode | w.ToolChoiceObject | None,
+                 tools: list[Tool]) -> tuple[ToolChoice, w.ToolChoiceOut, list[Tool]]:
+    """The Task's tool choice, its echo, and the tools the model may call."""
+    names = {t.name for t in tools}
+    if choice is None:
+        return ToolChoice("auto"), "auto", tools
+    if isinstance(choice, str):
+        if choice == "required" and not tools:
+            raise RequestInvalid("tool_choice 'required' needs tools", param="tool_choice")
+        return ToolChoice(choice), choice, tools
+    if choice.type == "function":
+        if choice.name not in names:
+            raise RequestInvalid(f"tool_choice names {choice.name!r}, which is not in tools",
+                                 param="tool_choice")
+        return ToolChoice("named", choice.name), w.ToolChoiceFunctionOut(choice.name), tools
+    if choice.type == "allowed_tools":
+        allowed = choice.tools or []
+        picked = [t.name for t in allowed]
+        if not allowed or any(t.type != "function" or t.name not in names for t in allowed):
+            raise RequestInvalid("tool_choice.tools must name function tools given in tools",
+                                 param="tool_choice")
+        mode = choice.mode or "auto"
+        # Only the allowed tools reach the model; the Response still echoes them all.
+        echo = w.ToolChoiceAllowedOut(mode, [{"type": "function", "name": n or ""} for n in picked])
+        return ToolChoice(mode), echo, [t for t in tools if t.name in picked]
+    raise _unsupported(f"tool_choice type {choice.type!r} is not supported: only function tools are",
+                       "tool_choice")
+
+
+def _items(raw: list[msgspec.Raw], where: str) -> list[_Item]:
+    items: list[_Item] = []
+    for i, item in enumerate(raw):
+        at = f"{where}[{i}]"
+        kind = _decode(item, _ITEM_HEAD, at).type
+        if kind == "message":
+            items.append(_decode(item, _MESSAGE, at))
+        elif kind == "function_call":
+            items.append(_decode(item, _CALL, at))
+        elif kind == "function_call_output":
+            items.append(_decode(item, _CALL_OUTPUT, at))
+        elif kind == "reasoning":
+            items.append(_decode(item, _REASONING, at))
+        else:
+            # item_reference would need every stored item by id; built-in tools' calls
+            # (web_search_call, computer_call, ...) come from tools this server does not run.
+            raise _unsupported(f"{at}: input item type {kind!r} is not supported", "input")
+    return items
+
+
+def _text(content: w.Content, role: str, at: str) -> str:
+    """A message's (or a tool output's) text; non-text parts are refused."""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for part in content:
+        if isinstance(part, w.InputText | w.OutputText):
+            texts.append(part.text)
+        elif isinstance(part, w.Refusal) and role == "assistant":
+            texts.append(part.refusal)
+        elif isinstance(part, w.InputImage | w.InputFile | w.InputAudio):
+            raise _unsupported(f"{at}: content part type {type(part).__struct_config__.tag!r} is not "
+                               "supported by this model", "input")
+        else:
+            raise RequestInvalid(f"{at}: content part type {type(part).__struct_config__.tag!r} is not "
+                                 f"allowed in a {role} message", param="input")
+    return "".join(texts)
+
+
+class _Turns:
+    """Items to chat messages. The assistant side of a turn (reasoning, text, function
+    calls) comes as separate items; chat templates want it as one assistant message."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+        self._reasoning: list[str] = []
+        self._text: list[str] = []
+        self._calls: list[ToolCall] = []
+
+    def add(self, item: _Item, at: str) -> None:
+        if isinstance(item, w.MessageItem) and item.role == "assistant":
+            if self._calls:  # text after the calls starts the next assistant message
+                self._flush()
+            self._text.append(_text(item.content, "assistant", at))
+        elif isinstance(item, w.FunctionCallItem):
+            self._calls.append(ToolCall(item.call_id, item.name, item.arguments))
+        elif isinstance(item, w.ReasoningItem):
+            text = self._reasoning_text(item)
+            if text:
+                if self._text or self._calls:  # thinking again after it answered: a new message
+                    self._flush()
+                self._reasoning.append(text)
+        elif isinstance(item, w.FunctionCallOutputItem):
+            self._flush()
+            self.messages.append(Message("tool", _text(item.output, "tool", at), tool_call_id=item.call_id))
+        else:
+            self._flush()
+            role = "system" if item.role == "developer" else item.role
+            self.messages.append(Message(role, _text(item.content, item.role, at)))
+
+    @staticmethod
+    def _reasoning_text(item: w.ReasoningItem) -> str:
+        # Our own reasoning items carry the full text; OpenAI's carry only a summary (and
+        # encrypted content, meaningless here): the summary is the best stand-in.
+        parts = [p.text for p in item.content or () if isinstance(p, w.ReasoningText)]
+        if parts:
+            return "".join(parts)
+        return "\n\n".join(p.text for p in item.summary if isinstance(p, w.SummaryText))
+
+    def _flush(self) -> None:
+        if self._text or self._calls or self._reasoning:
+            self.messages.append(Message("assistant", "".join(self._text), tool_calls=tuple(self._calls),
+                                         reasoning_content="\n\n".join(self._reasoning) or None))
+        self._reasoning, self._text, self._calls = [], [], []
+
+    def done(self) -> list[Message]:
+        self._flush()
+        return self.messages
+
+
+def _messages(groups: Iterable[tuple[str | list[msgspec.Raw], str]]) -> list[Message]:
+    turns = _Turns()
+    for value, where in groups:
+        if isinstance(value, str):
+            turns.add(w.MessageItem(role="user", content=value), where)
+            continue
+        for i, item in enumerate(_items(value, where)):
+            turns.add(item, f"{where}[{i}]")
+    return turns.done()
+
+
+def parse(body: bytes) -> tuple[Task, ResponsesOptions]:
+    """Check a `POST /v1/responses` body (or `/v1/responses/input_tokens`) and map it to a Task."""
+    req = _decode(body, _REQUEST)
+    _refuse_platform_features(req)
+    tools, tools_echo = _tools(req.tools)
+    choice, choice_echo, offered = _tool_choice(req.tool_choice, tools)
+    messages = [Message("system", req.instructions)] if req.instructions else []
+    if req.input is UNSET:
+        if req.previous_response_id is None:
+            raise RequestInvalid("input is required", param="input")
+    else:
+        messages += _messages([(req.input, "input")])
+    text = req.text or w.TextConfig()
+    reasoning = req.reasoning or w.ReasoningConfig()
+    sampling = Sampling()
+    if req.temperature is not None:
+        sampling = replace(sampling, temperature=req.temperature)
+    if req.top_p is not None:
+        sampling = replace(sampling, top_p=req.top_p)
+    stream = bool(req.stream)
+    parallel = True if req.parallel_tool_calls is None else req.parallel_tool_calls
+    task = Task(
+        messages=tuple(messages),
+        tools=tuple(offered),
+        tool_choice=choice,
+        parallel_tool_calls=parallel,
+        max_tokens=req.max_output_tokens,
+        sampling=sampling,
+        json_schema=text.format.schema if isinstance(text.format, w.FormatJsonSchema) else None,
+        json_object=isinstance(text.format, w.FormatJsonObject),
+        reasoning=TaskReasoning(enabled=None if reasoning.effort is None
+                                else reasoning.effort not in ("none", "minimal")),
+        stream=stream,
+    )
+    options = ResponsesOptions(
+        model=req.model, stream=stream, store=True if req.store is None else req.store,
+        previous_response_id=req.previous_response_id, instructions=req.instructions,
+        tools=tools_echo, tool_choice=choice_echo, parallel_tool_calls=parallel, text=text,
+        reasoning=reasoning, max_output_tokens=req.max_output_tokens, max_tool_calls=req.max_tool_calls,
+        temperature=req.temperature, top_p=req.top_p, truncation=req.truncation or "disabled",
+        metadata=req.metadata or {}, user=req.user, safety_identifier=req.safety_identifier,
+        prompt_cache_key=req.prompt_cache_key,
+    )
+    return task, options
+
+
+def history_messages(turns: Sequence[tuple[bytes, bytes]]) -> tuple[Message, ...]:
+    """The conversation a previous_response_id continues: for each stored response, oldest
+    first, its request body's `input` and its Response body's `output`. A stored request's
+    `instructions` are not carried over (OpenAI's rule: each request gives its own)."""
+    groups: list[tuple[str | list[msgspec.Raw], str]] = []
+    for request_body, response_body in turns:
+        groups.append((_decode(request_body, _STORED_REQUEST).input, "input"))
+        groups.append((_decode(response_body, _STORED_RESPONSE).output, "output"))
+    return tuple(_messages(groups))
+
+
+def with_history(task: Task, options: ResponsesOptions, history: Sequence[Message]) -> Task:
+    """The task with a previous response's conversation between its instructions and its input."""
+    messages = task.messages or ()
+    head = 1 if options.instructions else 0
+    return replace(task, messages=(*messages[:head], *history, *messages[head:]))
+
+
+def input_tokens_body(n: int) -> bytes:
+    """The answer of `POST /v1/responses/input_tokens`."""
+    return _json.encode(w.InputTokensOut("response.input_tokens", n))
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _new_id(prefix: str) -> str:
+    return prefix + secrets.token_hex(24)  # OpenAI's ids: a prefix and 48 hex digits
+
+
+# response.failed's error.code takes values from a fixed list (openai's ResponseError).
+_FAILED_CODE = {
+    ErrorKind.RATE_LIMITED: "rate_limit_exceeded",
+    ErrorKind.INVALID_REQUEST: "invalid_prompt",
+    ErrorKind.CONTEXT_LENGTH_EXCEEDED: "invalid_prompt",
+    ErrorKind.UNSUPPORTED: "invalid_prompt",
+}
+
+
+@dataclass
+class _Open:
+    """The output item being streamed: at most one is open at a time."""
+
+    kind: str  # "message" | "reasoning" | "function_call"
+    id: str
+    index: int  # its output_index
+    parts: list[str] = field(default_factory=list)
+    call_id: str = ""
+    name: str = ""
+    tool_index: int = -1
+
+
+class ResponsesRenderer:
+    """The bytes of one Response, streamed (start, delta..., finish) or whole (body)."""
+
+    def __init__(self, model: str, options: ResponsesOptions, *, response_id: str | None = None,
+                 created_at: int | None = None) -> None:
+        self.id = response_id or _new_id("resp_")
+        self._sse = True
+        self._seq = 0
+        self._output: list[w.OutputItem] = []
+        self._open: _Open | None = None
+        self._final: w.ResponseObject | None = None
+        o = options
+        self._base = w.ResponseObject(
+            id=self.id, created_at=int(time.time()) if created_at is None else created_at,
+            status="in_progress", instructions=o.instructions, max_output_tokens=o.max_output_tokens,
+            max_tool_calls=o.max_tool_calls, model=model, output=[],
+            parallel_tool_calls=o.parallel_tool_calls,
+            previous_response_id=o.previous_response_id, prompt_cache_key=o.prompt_cache_key,
+            reasoning=o.reasoning, safety_identifier=o.safety_identifier, store=o.store,
+            temperature=o.temperature, text=o.text, tool_choice=o.tool_choice, tools=o.tools, top_p=o.top_p,
+            truncation=o.truncation, user=o.user, metadata=o.metadata)
+
+    def _emit(self, event: w.Event) -> bytes:
+        event.sequence_number = self._seq
+        self._seq += 1
+        if not self._sse:
+            return b""
+        tag = type(event).__struct_config__.tag
+        return b"event: " + str(tag).encode() + b"\ndata: " + _json.encode(event) + b"\n\n"
+
+    def start(self) -> bytes:
+        """response.created and response.in_progress."""
+        return (self._emit(w.Created(0, self._base))
+                + self._emit(w.InProgress(0, self._base)))
+
+    def delta(self, d: Delta) -> bytes:
+        if isinstance(d, Text):
+            return self._append("message", d.text, w.TextDelta) if d.text else b""
+        if isinstance(d, Reasoning):
+            return self._append("reasoning", d.text, w.ReasoningDelta) if d.text else b""
+        if isinstance(d, ToolCallBegin):
+            return self._close("completed") + self._open_call(d)
+        op = self._open
+        if op is None or op.kind != "function_call" or op.tool_index != d.index:
+            raise ValueError(f"arguments of tool call {d.index}, which is not the open output item")
+        if not d.text:
+            return b""
+        op.parts.append(d.text)
+        return self._emit(w.ArgumentsDelta(0, op.id, op.index, d.text))
+
+    def _append(self, kind: str, text: str, event: type[w.TextDelta] | type[w.ReasoningDelta]) -> bytes:
+        out = b""
+        op = self._open
+        if op is None or op.kind != kind:
+            out = self._close("completed")
+            op = self._open = _Open(kind, _new_id("msg_" if kind == "message" else "rs_"), len(self._output))
+            item: w.OutputItem
+            part: w.OutputTextOut | w.ReasoningTextOut
+            if kind == "message":
+                item, part = w.MessageOut(id=op.id, status="in_progress", content=[]), w.OutputTextOut("")
+            else:
+                item = w.ReasoningOut(id=op.id, content=[], status="in_progress")
+                part = w.ReasoningTextOut("")
+            out += self._emit(w.ItemAdded(0, op.index, item))
+            out += self._emit(w.PartAdded(0, op.id, op.index, 0, part))
+        op.parts.append(text)
+        return out + self._emit(event(0, op.id, op.index, 0, text))
+
+    def _open_call(self, d: ToolCallBegin) -> bytes:
+        call_id = d.id or _new_id("call_")
+        op = self._open = _Open("function_call", "fc_" + call_id.removeprefix("call_"), len(self._output),
+                                call_id=call_id, name=d.name, tool_index=d.index)
+        item = w.FunctionCallOut(id=op.id, call_id=call_id, name=d.name, arguments="", status="in_progress")
+        return self._emit(w.ItemAdded(0, op.index, item))
+
+    def _close(self, status: str) -> bytes:
+        """The done events of the open item; `status` is "incomplete" when it was cut short."""
+        op, self._open = self._open, None
+        if op is None:
+            return b""
+        text = "".join(op.parts)
+        out: bytes
+        item: w.OutputItem
+        if op.kind == "function_call":
+            out = self._emit(w.ArgumentsDone(0, op.id, op.index, text))
+            item = w.FunctionCallOut(id=op.id, call_id=op.call_id, name=op.name, arguments=text,
+                                     status=status)
+        elif op.kind == "message":
+            part = w.OutputTextOut(text)
+            out = self._emit(w.TextDone(0, op.id, op.index, 0, text)) + self._emit(
+                w.PartDone(0, op.id, op.index, 0, part))
+            item = w.MessageOut(id=op.id, status=status, content=[part])
+        else:
+            rpart = w.ReasoningTextOut(text)
+            out = self._emit(w.ReasoningDone(0, op.id, op.index, 0, text)) + self._emit(
+                w.PartDone(0, op.id, op.index, 0, rpart))
+            item = w.ReasoningOut(id=op.id, content=[rpart], status=status)
+        self._output.append(item)
+        return out + self._emit(w.ItemDone(0, op.index, item))
+
+    def finish(self, f: Finish) -> bytes:
+        """Closes the open item, then response.completed (response.incomplete when the
+        token limit cut it short)."""
+        u = f.usage
+        usage = w.UsageOut(u.prompt_tokens, w.InputTokensDetails(u.cached_tokens), u.completion_tokens,
+                           w.OutputTokensDetails(u.reasoning_tokens), u.prompt_tokens + u.completion_tokens)
+        if f.reason == "length":
+            out = self._close("incomplete")
+            self._final = struct_replace(self._base, status="incomplete", output=list(self._output),
+                                         incomplete_details=w.IncompleteDetails("max_output_tokens"),
+                                         usage=usage)
+            return out + self._emit(w.Incomplete(0, self._final))
+        out = self._close("completed")
+        self._final = struct_replace(self._base, status="completed", completed_at=int(time.time()),
+                                     output=list(self._output), usage=usage)
+        return out + self._emit(w.Completed(0, self._final))
+
+    def fail(self, kind: ErrorKind, message: str) -> bytes:
+        """response.failed, for an error after the stream started (before, send an HTTP error)."""
+        out = self._close("incomplete")
+        self._final = struct_replace(self._base, status="failed", output=list(self._output),
+                                     error=w.ErrorOut(_FAILED_CODE.get(kind, "server_error"), message))
+        return out + self._emit(w.Failed(0, self._final))
+
+    def body(self, deltas: Iterable[Delta], finish: Finish) -> bytes:
+        """The whole Response object, for a request that did not ask to stream."""
+        self._sse = False
+        self.start()
+        for d in deltas:
+            self.delta(d)
+        self.finish(finish)
+        return self.response_bytes()
+
+    def response_bytes(self) -> bytes:
+        """The final Response object (after finish or fail): what GET /v1/responses/{id} returns."""
+        if self._final is None:
+            raise RuntimeError("the response has not finished")
+        return _json.encode(self._final)
