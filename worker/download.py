@@ -2,13 +2,17 @@
 worker.fetch, progress measured as it goes.
 
 `run` is the body of a download thread. It reports through a queue: DownloadProgress
-messages, then one Outcome. `relay` runs it and passes the progress on (throttled) as protocol
-messages while its caller listens for a cancel: a worker before its load (a Shutdown
-cancels), or `pull`, a process of its own for POST /models/pull and `modelherd pull`.
+messages, then one Outcome. The first report goes out as soon as a file is known to need
+downloading, before any byte arrives, so a download that cannot even start (no route to
+the hub) still shows as `downloading`, then failed. `relay` runs it and passes the progress
+on (throttled) as protocol messages while its caller listens for a cancel: a worker before
+its load (a Shutdown cancels), or `pull`, a process of its own for POST /models/pull and
+`modelherd pull`.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import queue
@@ -21,14 +25,23 @@ from dataclasses import dataclass
 from fnmatch import fnmatch
 from multiprocessing.connection import Connection
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import msgspec
 
 from protocol import sources
 from protocol.errors import ErrorKind
 from protocol.messages import Download, DownloadProgress, LoadFailed
-from worker.fetch import Cancelled, DownloadError, fetch, open_url, token_hint
+from worker.fetch import (
+    Cancelled,
+    DownloadError,
+    Unreachable,
+    describe,
+    fetch,
+    local_error,
+    open_url,
+    token_hint,
+)
 
 HF_ENDPOINT = "https://huggingface.co"
 # What an MLX folder needs from its repo (mlx-lm's own list, without *.py: no remote code).
@@ -56,30 +69,58 @@ Reports = queue.SimpleQueue["DownloadProgress | Outcome"]
 
 def run(download: Download, out: Reports, cancel: threading.Event) -> None:
     token = os.environ.get("HF_TOKEN") or None
+
+    def started(name: str) -> None:
+        out.put(DownloadProgress(name, 0, 0, 0.0, None))
+
     try:
-        planned = plan(download, token)
+        planned = plan(download, token, started)
         for item in planned:
-            _fetch_one(item, token if item.hub else None, out, cancel)
+            try:
+                _fetch_one(item, token if item.hub else None, out, cancel)
+            except Unreachable as exc:
+                raise DownloadError(f"{exc}; {hub_hint()}" if item.hub else str(exc)) from None
         _mark_folder(download, planned)
     except Cancelled:
         out.put(Outcome(None, cancelled=True))
     except (DownloadError, sources.SourceError) as exc:
         out.put(Outcome(str(exc)))
     except Exception as exc:  # a bug here must still end the load with a reason
-        out.put(Outcome(f"download failed: {type(exc).__name__}"))  # its text may quote a URL
+        reason = describe(exc) if isinstance(exc, OSError) else type(exc).__name__  # its text may quote a URL
+        out.put(Outcome(f"download failed: {reason}"))
     else:
         out.put(Outcome(None))
 
 
-def plan(download: Download, token: str | None) -> list[Planned]:
-    planned = _plan_source(download, token)
+def hub_hint() -> str:
+    """What to do when the hub is out of reach (a first run without network, a firewall)."""
+    return (f"put the model's file in a models dir instead (by default {_default_models_dir()}; the "
+            "daemon's log names the dirs it scans), or set HF_ENDPOINT to a mirror this machine can reach")
+
+
+def _default_models_dir() -> Path:
+    # router.config.default_models_dir's rule (the worker cannot import the router): systemd's
+    # StateDirectory, else $XDG_DATA_HOME/modelherd/models.
+    state = os.environ.get("STATE_DIRECTORY")
+    if state:
+        return Path(state.split(":")[0]) / "models"
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "modelherd" / "models"
+
+
+def plan(download: Download, token: str | None,
+         started: Callable[[str], None] | None = None) -> list[Planned]:
+    """The files to fetch. `started(name)` is called before the hub is asked for a repo's
+    file list (the download has begun, though no file is known yet)."""
+    planned = _plan_source(download, token, started)
     if download.mmproj is not None:
         projector = Download(download.mmproj, download.cache_dir, None, download.allow_insecure_http)
-        planned += _plan_source(projector, token)
+        planned += _plan_source(projector, token, started)
     return planned
 
 
-def _plan_source(download: Download, token: str | None) -> list[Planned]:
+def _plan_source(download: Download, token: str | None,
+                 started: Callable[[str], None] | None = None) -> list[Planned]:
     remote = sources.parse(download.source, download.allow_insecure_http)
     target = Path(sources.cache_path(download.cache_dir, remote))
     if remote.kind == "https":
@@ -93,6 +134,8 @@ def _plan_source(download: Download, token: str | None) -> list[Planned]:
                 for n in names]
     if sources.sidecar(target, sources.META).is_file():
         return []  # fetched whole before: no need to ask the hub (which may be out of reach)
+    if started is not None:
+        started(remote.repo.rpartition("/")[2])
     names = [n for n in _hub_files(endpoint, remote, token) if any(fnmatch(n, p) for p in MLX_FILES)]
     if not any(n.endswith(".safetensors") for n in names):
         raise DownloadError(f"{remote.text}: the repo has no *.safetensors files to serve as an MLX model")
@@ -109,8 +152,11 @@ def _mark_folder(download: Download, planned: list[Planned]) -> None:
             "completed": time.time()}
     done = sources.sidecar(folder, sources.META)
     tmp = sources.sidecar(done, ".tmp")
-    tmp.write_text(json.dumps(meta))
-    os.replace(tmp, done)
+    try:
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, done)
+    except OSError as exc:
+        raise local_error(exc, folder) from None
 
 
 def _hub_files(endpoint: str, remote: sources.Remote, token: str | None) -> list[str]:
@@ -122,8 +168,14 @@ def _hub_files(endpoint: str, remote: sources.Remote, token: str | None) -> list
     except urllib.error.HTTPError as exc:
         raise DownloadError(f"listing {sources.redact(url)} failed: HTTP {exc.code}"
                             f"{token_hint(exc.code)}") from None
-    except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError) as exc:
-        raise DownloadError(f"listing {sources.redact(url)} failed: {type(exc).__name__}") from None
+    except urllib.error.URLError as exc:  # no connection: nothing was answered
+        host = urlsplit(url).netloc.rpartition("@")[2]
+        raise DownloadError(f"cannot reach {host} ({describe(exc)}) for {sources.redact(url)}; "
+                            f"{hub_hint()}") from None
+    except ValueError:
+        raise DownloadError(f"listing {sources.redact(url)} failed: the answer is not JSON") from None
+    except (OSError, http.client.HTTPException) as exc:  # a timeout or a reset while it answered
+        raise DownloadError(f"listing {sources.redact(url)} failed: {describe(exc)}") from None
     files = [e["path"] for e in listing if isinstance(e, dict) and e.get("type") == "file"]
     # Names from the network become paths on disk: plain names only.
     return [sources.check_relative(str(name), remote.text) for name in files]
@@ -142,7 +194,11 @@ def _fetch_one(item: Planned, token: str | None, out: Reports,
         eta = (total - done) / rate if total and rate > 0 else None
         out.put(DownloadProgress(item.dest.name, done, total, rate, eta))
 
-    fetch(item.url, item.dest, sha256=item.sha256, token=token, progress=progress, cancel=cancel)
+    def begun(held: int) -> None:  # not through `progress`: the rate starts at the first byte
+        out.put(DownloadProgress(item.dest.name, held, 0, 0.0, None))
+
+    fetch(item.url, item.dest, sha256=item.sha256, token=token, progress=progress, cancel=cancel,
+          started=begun)
 
 
 def relay(download: Download, send: Callable[[DownloadProgress], None],

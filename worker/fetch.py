@@ -11,10 +11,16 @@ then it is renamed into place with a small metadata file beside it.
 
 Two downloaders of the same file (two workers, two daemons) share it: the first
 holds `<file>.lock` (flock) and the second waits for it, then finds the file there.
+
+Failures say what failed in words: a server out of reach names its host and why (name
+resolution, refused, timed out...), and a cache that cannot be written names the path and
+the cause (no space left, read-only file system, permission denied). Those local causes
+are final, and keep the `.part`: once the disk has room, the next attempt resumes it.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import http.client
@@ -22,6 +28,8 @@ import json
 import os
 import re
 import shutil
+import socket
+import ssl
 import threading
 import time
 import urllib.error
@@ -31,6 +39,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from protocol.sources import LOCK, META, PART, PART_STATE, redact, sidecar
 
@@ -44,10 +53,20 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 # (downloaded bytes, total bytes or 0 when unknown)
 Progress = Callable[[int, int], None]
+# Called once a file is known to need downloading, with the bytes a .part already holds.
+Started = Callable[[int], None]
 
 
 class DownloadError(Exception):
     """A download failed for good; the message is fit for clients (URLs redacted)."""
+
+
+class Unreachable(DownloadError):
+    """No attempt reached the server: no connection, or no answer to the request."""
+
+    def __init__(self, message: str, host: str) -> None:
+        super().__init__(message)
+        self.host = host
 
 
 class Cancelled(Exception):
@@ -64,12 +83,17 @@ class Fetched:
 
 def fetch(url: str, dest: Path, *, sha256: str | None = None, token: str | None = None,
           progress: Progress, cancel: threading.Event, attempts: int = ATTEMPTS,
-          timeout: float = TIMEOUT_S, backoff_first: float = BACKOFF_FIRST_S) -> Fetched:
-    dest.parent.mkdir(parents=True, exist_ok=True)
+          timeout: float = TIMEOUT_S, backoff_first: float = BACKOFF_FIRST_S,
+          started: Started | None = None) -> Fetched:
+    with _on_disk(dest.parent):
+        dest.parent.mkdir(parents=True, exist_ok=True)
     with _locked(dest, cancel):
         done = _cached(dest, sha256)
         if done is not None:
             return done  # no progress to report: nothing is downloaded
+        if started is not None:
+            part = sidecar(dest, PART)
+            started(part.stat().st_size if part.exists() else 0)
         delay = backoff_first
         failed = 0
         while True:
@@ -79,6 +103,10 @@ def fetch(url: str, dest: Path, *, sha256: str | None = None, token: str | None 
                 # Attempts count in a row: one that got bytes through starts the count over.
                 failed = 1 if exc.progressed else failed + 1
                 if failed >= attempts:
+                    if exc.unreached:
+                        host = urlsplit(url).netloc.rpartition("@")[2]
+                        raise Unreachable(f"cannot reach {host} ({exc}; {attempts} attempts in a row) "
+                                          f"for {redact(url)}", host) from None
                     raise DownloadError(f"downloading {redact(url)} failed after {attempts} attempts "
                                         f"in a row: {exc}") from None
                 if exc.progressed:
@@ -89,11 +117,13 @@ def fetch(url: str, dest: Path, *, sha256: str | None = None, token: str | None 
 
 
 class _Retry(Exception):
-    """A failure worth another attempt: a timeout, a reset, a 5xx."""
+    """A failure worth another attempt: a timeout, a reset, a 5xx. `unreached`: the request
+    got no answer at all (no connection, or the server said nothing)."""
 
-    def __init__(self, message: str, progressed: bool = False) -> None:
+    def __init__(self, message: str, progressed: bool = False, unreached: bool = False) -> None:
         super().__init__(message)
         self.progressed = progressed
+        self.unreached = unreached
 
 
 def _attempt(url: str, dest: Path, sha256: str | None, token: str | None, progress: Progress,
@@ -118,7 +148,7 @@ def _attempt(url: str, dest: Path, sha256: str | None, token: str | None, progre
     except http.client.InvalidURL:
         raise DownloadError(f"{redact(url)} is not a valid URL") from None
     except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
-        raise _Retry(_reason(exc)) from None
+        raise _Retry(describe(exc), unreached=True) from None
     with response:
         if response.status == 206:
             if _range_start(response) != offset:
@@ -139,22 +169,29 @@ def _attempt(url: str, dest: Path, sha256: str | None, token: str | None, progre
             _check_space(dest.parent, total - offset, url)
         validators = {"etag": response.headers.get("ETag"),
                       "last_modified": response.headers.get("Last-Modified")}
-        _write_json(sidecar(dest, PART_STATE), validators)
+        with _on_disk(dest.parent):
+            _write_json(sidecar(dest, PART_STATE), validators)
+            # Unbuffered: a failed write is this chunk's, not a later flush's.
+            out = open(part, mode, buffering=0)
         # The hub sends the sha256 of a large file as X-Linked-Etag on its redirect to the CDN.
         linked = (response.headers.get("X-Linked-Etag") or redirects.linked_etag or "").strip('"')
         done = offset
         progress(done, total)
-        try:
-            with open(part, mode) as out:
-                while chunk := response.read1(CHUNK):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    done += len(chunk)
-                    progress(done, total)
-                    if cancel.is_set():
-                        raise Cancelled
-        except (TimeoutError, ConnectionError, http.client.HTTPException) as exc:
-            raise _Retry(f"{_reason(exc)} after {done} bytes", progressed=done > offset) from None
+        with out:
+            while True:
+                try:
+                    chunk = response.read1(CHUNK)
+                except (OSError, http.client.HTTPException) as exc:  # a reset, a timeout, TLS
+                    raise _Retry(f"{describe(exc)} after {done} bytes", progressed=done > offset) from None
+                if not chunk:
+                    break
+                with _on_disk(part):
+                    _write_all(out, chunk)
+                digest.update(chunk)
+                done += len(chunk)
+                progress(done, total)
+                if cancel.is_set():
+                    raise Cancelled
     if total and done != total:
         raise _Retry(f"the connection ended after {done} of {total} bytes", progressed=done > offset)
     expected = sha256 or (linked if _SHA256.match(linked) else None)
@@ -163,11 +200,19 @@ def _attempt(url: str, dest: Path, sha256: str | None, token: str | None, progre
         _discard(dest)
         raise DownloadError(f"{redact(url)}: checksum mismatch, expected sha256 {expected.lower()}, "
                             f"got {got}; the download was deleted")
-    os.replace(part, dest)
-    _write_json(sidecar(dest, META), {
-        "source": redact(url), "size": done, "sha256": got, **validators, "completed": time.time()})
-    sidecar(dest, PART_STATE).unlink(missing_ok=True)
+    with _on_disk(dest):
+        os.replace(part, dest)
+        _write_json(sidecar(dest, META), {
+            "source": redact(url), "size": done, "sha256": got, **validators, "completed": time.time()})
+        sidecar(dest, PART_STATE).unlink(missing_ok=True)
     return Fetched(dest, done, got, True)
+
+
+def _write_all(out: Any, chunk: bytes) -> None:
+    """All of `chunk`: an unbuffered write may take part of it (a disk nearly full)."""
+    view = memoryview(chunk)
+    while view:
+        view = view[out.write(view):]
 
 
 def open_url(url: str, token: str | None, timeout: float, headers: dict[str, str] | None = None,
@@ -199,7 +244,9 @@ def _cached(dest: Path, sha256: str | None) -> Fetched | None:
 
 @contextmanager
 def _locked(dest: Path, cancel: threading.Event) -> Iterator[None]:
-    with open(sidecar(dest, LOCK), "a") as lock:
+    with _on_disk(dest.parent):
+        lock = open(sidecar(dest, LOCK), "a")
+    with lock:
         while True:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -228,15 +275,16 @@ def _check_space(folder: Path, need: int, url: str) -> None:
 
 def _hash_of(path: Path) -> Any:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with _on_disk(path), open(path, "rb") as f:
         while block := f.read(CHUNK):
             digest.update(block)
     return digest
 
 
 def _discard(dest: Path) -> None:
-    sidecar(dest, PART).unlink(missing_ok=True)
-    sidecar(dest, PART_STATE).unlink(missing_ok=True)
+    with _on_disk(dest.parent):
+        sidecar(dest, PART).unlink(missing_ok=True)
+        sidecar(dest, PART_STATE).unlink(missing_ok=True)
 
 
 def _read_json(path: Path) -> dict[str, object]:
@@ -253,14 +301,73 @@ def _write_json(path: Path, value: dict[str, object]) -> None:
     os.replace(tmp, path)
 
 
-def _reason(exc: BaseException) -> str:
-    """What went wrong, without the exception's text where that may quote the URL."""
+# What a failed connection reads as, by errno. The exceptions' own text is not used: it
+# may quote the URL (and its query string, which can hold a signature).
+_NETWORK_ERRNO = {
+    errno.ECONNREFUSED: "connection refused",
+    errno.ECONNRESET: "connection reset by the server",
+    errno.ECONNABORTED: "connection aborted",
+    errno.ETIMEDOUT: "timed out",
+    errno.ENETUNREACH: "network is unreachable",
+    errno.EHOSTUNREACH: "no route to host",
+    errno.ENETDOWN: "network is down",
+    errno.EADDRNOTAVAIL: "no address to connect from",
+    errno.EPIPE: "the server closed the connection",
+}
+
+
+def describe(exc: BaseException) -> str:
+    """What went wrong with a connection or an answer, in words."""
     reason = getattr(exc, "reason", None)
-    if isinstance(reason, OSError):
-        return f"{type(exc).__name__}: {type(reason).__name__} {reason.errno or ''}".rstrip()
+    if isinstance(exc, urllib.error.URLError) and isinstance(reason, BaseException):
+        return describe(reason)
+    if isinstance(exc, socket.gaierror):  # no such name, or no DNS server answered (offline)
+        return "name resolution failed"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return "TLS certificate verification failed"
+    if isinstance(exc, ssl.SSLError):
+        return "TLS error"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return "the server closed the connection without answering"
+    if isinstance(exc, http.client.IncompleteRead):
+        return "the body ended early"
+    if isinstance(exc, http.client.HTTPException):
+        return f"an invalid HTTP answer ({type(exc).__name__})"
     if isinstance(exc, OSError) and exc.errno:
-        return f"{type(exc).__name__} (errno {exc.errno})"
+        return _NETWORK_ERRNO.get(exc.errno) or os.strerror(exc.errno).lower()
     return type(exc).__name__
+
+
+# A cache that cannot be written, by errno: local causes, fixed on this machine.
+_DISK_ERRNO = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+@contextmanager
+def _on_disk(path: Path) -> Iterator[None]:
+    """Turn a file system error about `path` into a DownloadError that says what and where."""
+    try:
+        yield
+    except OSError as exc:
+        raise local_error(exc, path) from None
+
+
+def local_error(exc: OSError, path: Path) -> DownloadError:
+    where = exc.filename if isinstance(exc.filename, str) else str(path)
+    cause = _DISK_ERRNO.get(exc.errno or 0) or (os.strerror(exc.errno).lower() if exc.errno else
+                                                type(exc).__name__)
+    message = f"cannot write {where}: {cause}"
+    if path.name.endswith(PART) and path.exists() and path.stat().st_size:
+        message += (f"; the {path.stat().st_size} bytes downloaded so far stay in {path.name}, and the "
+                    "next attempt resumes from there")
+    return DownloadError(message)
 
 
 class _Redirects(urllib.request.HTTPRedirectHandler):
