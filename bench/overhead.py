@@ -30,9 +30,9 @@ import json
 import socket
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -117,34 +117,84 @@ def mlx_lm_stream_generate(model: Path, max_tokens: int) -> Callable[[], tuple[f
 
 def backend_in_process(model: Path, backend_name: str,
                        max_tokens: int) -> Callable[[], tuple[float, int, float]]:
+    """The worker's generation without sockets: the chat template, the slots' decode loop
+    and the token decoder, as the worker's engine drives them for one request."""
     from protocol.messages import WorkerConfig
-    from worker.backend import Finish, GenParams
+    from worker.backend import SeqSpec
     from worker.backends import make_backend
+    from worker.task import Message, Sampling, Task
 
     backend = make_backend(backend_name)
     backend.load(WorkerConfig(name="bench", path=str(model), backend=backend_name, n_ctx=N_CTX),
                  lambda s, v: True)
-    params = GenParams(max_tokens=max_tokens, seed=1, logit_bias={0: -100.0, 2: -100.0})
-    cancel = threading.Event()
+    task = Task(messages=tuple(Message(m["role"], m["content"]) for m in MESSAGES))
+    prompt = backend.chat_prompt(task)
+    spec = SeqSpec(prompt.tokens, Sampling(seed=1, logit_bias=tuple((int(k), v) for k, v in NO_EOS.items())),
+                   max_tokens=max_tokens)
+    slots = backend.batcher
 
     def run() -> tuple[float, int, float]:
         t0 = time.perf_counter()
         first = 0.0
         tokens = 0
-        for item in backend.chat(MESSAGES, params, cancel):
-            if isinstance(item, Finish):
-                tokens = item.completion_tokens
-            else:
-                first = first or time.perf_counter() - t0
+        decoder = backend.decoder()
+        handle = slots.admit(spec)[0]
+        while tokens < max_tokens:
+            for s in slots.step():
+                if backend.is_end(s.token):
+                    tokens = max_tokens
+                    break
+                tokens += 1
+                if decoder.add(s.token):
+                    first = first or time.perf_counter() - t0
+        slots.release(handle)
         return first, tokens, time.perf_counter() - t0
 
     return run
 
 
-def through_daemon(port: int, model: str, max_tokens: int) -> Callable[[], tuple[float, int, float]]:
-    body = json.dumps({"model": model, "messages": MESSAGES, "max_tokens": max_tokens, "stream": True,
-                       "seed": 1, "logit_bias": NO_EOS, "stream_options": {"include_usage": True}}).encode()
-    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+@dataclass(frozen=True)
+class Route:
+    """One streaming API the daemon serves: how to ask, and how its stream says things."""
+
+    path: str
+    body: dict[str, object]
+    first_text: bytes  # in the event that carries the first generated text
+    last_event: tuple[bytes, ...]  # in the event that ends the stream
+    tokens: Callable[[bytes], int | None]
+
+
+def _last_usage(key: str) -> Callable[[bytes], int | None]:
+    def tokens(body: bytes) -> int | None:
+        at = body.rfind(b'"usage":{')
+        if at < 0:
+            return None
+        start = body.rfind(b"data: ", 0, at) + len(b"data: ")
+        event = json.loads(body[start: body.index(b"\n", at)])
+        usage = event.get("usage") or event.get("response", {}).get("usage")
+        return int(usage[key])
+    return tokens
+
+
+ROUTES = {
+    "/v1/chat/completions": Route("/v1/chat/completions", {
+        "messages": MESSAGES, "stream_options": {"include_usage": True}},
+        b'"delta":{"content":"', (b"data: [DONE]",), completion_tokens),
+    "/v1/responses": Route("/v1/responses", {"input": MESSAGES},
+                           b"response.output_text.delta",
+                           (b"event: response.completed", b"event: response.incomplete"),
+                           _last_usage("output_tokens")),
+    "/v1/messages": Route("/v1/messages", {"messages": MESSAGES},
+                          b'"text_delta"', (b"event: message_stop",), _last_usage("output_tokens")),
+}
+
+
+def through_daemon(port: int, model: str, max_tokens: int,
+                   route: Route = ROUTES["/v1/chat/completions"]) -> Callable[[], tuple[float, int, float]]:
+    limit = "max_output_tokens" if route.path == "/v1/responses" else "max_tokens"
+    body = json.dumps({"model": model, limit: max_tokens, "stream": True, "seed": 1, "logit_bias": NO_EOS,
+                       **route.body}).encode()
+    request = (f"POST {route.path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
     conn: list[socket.socket] = []
 
@@ -163,20 +213,20 @@ def through_daemon(port: int, model: str, max_tokens: int) -> Callable[[], tuple
         parts: list[bytes] = []
         first = 0.0
         tail = b""
-        while b"data: [DONE]" not in tail:
+        while not any(end in tail for end in route.last_event):
             data = sock.recv(262144)
             if not data:
                 raise ConnectionError("connection closed")
-            if not first and b'"delta":{"content":"' in data:
+            if not first and route.first_text in data:
                 first = time.perf_counter() - t0
             parts.append(data)
-            tail = tail[-16:] + data
+            tail = tail[-64:] + data
         total = time.perf_counter() - t0
         while not tail.endswith(b"0\r\n\r\n"):  # the chunked terminator, so keep-alive stays in sync
             data = sock.recv(65536)
             parts.append(data)
-            tail = tail[-16:] + data
-        tokens = completion_tokens(b"".join(parts))
+            tail = tail[-64:] + data
+        tokens = route.tokens(b"".join(parts))
         if tokens is None:
             raise RuntimeError("stream ended without a usage event")
         return first or total, tokens, total
@@ -214,16 +264,21 @@ def bench_shape(shape: str, backend: str, work: Path, requests: int, max_tokens:
         reference.add(*run_ref())
     names = ("modelherd backend in-process (worker's generation loop)",
              "through modelherd (HTTP -> router -> ZeroMQ -> worker)")
+    others = {f"  same, {path}": route for path, route in ROUTES.items() if path != "/v1/chat/completions"}
     with Daemon("--config", str(cfg), env={"XDG_RUNTIME_DIR": str(work)}) as d:
         d.load(shape)
         assert d.proc is not None
         router_cpu = cpu_seconds(d.proc.pid)
-        samples = interleaved({names[0]: backend_in_process(model, backend, max_tokens),
-                               names[1]: through_daemon(d.port, shape, max_tokens)}, requests)
+        runs = {names[0]: backend_in_process(model, backend, max_tokens),
+                names[1]: through_daemon(d.port, shape, max_tokens)}
+        for name, route in others.items():
+            runs[name] = through_daemon(d.port, shape, max_tokens, route)
+        samples = interleaved(runs, requests)
         router_cpu = cpu_seconds(d.proc.pid) - router_cpu
     base, via = samples[names[0]], samples[names[1]]
-    rows = [(reference_name, reference), (names[0], base), (names[1], via)]
-    n_via = len(via.tps) + 3
+    rows = [(reference_name, reference), (names[0], base), (names[1], via),
+            *[(name, samples[name]) for name in others]]
+    n_via = sum(len(samples[n].tps) + 3 for n in (names[1], *others))
     kind = "MLX safetensors" if backend == "mlx" else "GGUF"
     print(f"\nmodel `{shape}` ({size / 1e6:.1f} MB {kind}, random weights, {backend}), "
           f"{requests} requests per path, {max_tokens} streamed tokens each, n_ctx {N_CTX}, CPU\n")
@@ -241,6 +296,11 @@ def bench_shape(shape: str, backend: str, work: Path, requests: int, max_tokens:
     print(f"vs {reference_name}: added TTFT p50 {ref_added:.2f} ms, tok/s ratio {ref_ratio:.2f}")
     print(f"router CPU per streamed token:                    "
           f"{router_cpu / (n_via * max_tokens) * 1e6:.0f} us")
+    for name in others:
+        other = samples[name]
+        print(f"{name.strip()} vs chat through modelherd: TTFT p50 "
+              f"{(pct(other.ttft, 50) - pct(via.ttft, 50)) * 1e3:+.2f} ms, tok/s ratio "
+              f"{statistics.median(other.tps) / statistics.median(via.tps):.3f}")
 
 
 def main() -> None:

@@ -21,15 +21,30 @@ import msgspec
 
 from protocol.errors import ErrorKind
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 _TAG = "t"
 
 
 class Endpoint(enum.Enum):
-    CHAT = "chat"
-    COMPLETION = "completion"
+    """What a proxied request asks of its model's worker (which API it came through)."""
+
+    CHAT = "chat"  # OpenAI chat completions
+    CHAT_INPUT_TOKENS = "chat_input_tokens"
+    COMPLETION = "completion"  # OpenAI text completions
     EMBEDDING = "embedding"
+    RESPONSES = "responses"  # OpenAI Responses API
+    RESPONSES_INPUT_TOKENS = "responses_input_tokens"
+    MESSAGES = "messages"  # Anthropic Messages API
+    MESSAGES_COUNT_TOKENS = "messages_count_tokens"
+    NATIVE_COMPLETION = "native_completion"  # llama-server's /completion
+    INFILL = "infill"
+    NATIVE_EMBEDDING = "native_embedding"  # llama-server's /embedding
+    TOKENIZE = "tokenize"
+    DETOKENIZE = "detokenize"
+    APPLY_TEMPLATE = "apply_template"
+    PROPS = "props"
+    SLOTS = "slots"
 
 
 # Option values a model may pass to its backend; kept scalar so the wire stays typed.
@@ -39,16 +54,24 @@ OptionValue = str | int | float | bool
 # reserve 128k of KV cache. The router estimates memory with the same rule.
 AUTO_N_CTX_CAP = 4096
 
+# A model's slots (sequences decoded together) and the bound of its host-RAM cache of idle
+# conversations, when its options do not say; the router counts both in its memory estimate.
+DEFAULT_PARALLEL = 4
+DEFAULT_CACHE_RAM_MB = 1024
+
 # The `options` each backend accepts: part of the Configure contract, so the router
 # rejects a typo at config time instead of the worker failing the load later.
 BACKEND_OPTIONS: dict[str, frozenset[str]] = {
+    # parallel: slots (sequences decoded together); cache_ram_mb: host-RAM cache of idle
+    # conversations' KV state.
     "llama_cpp": frozenset({
         "n_batch", "n_ubatch", "flash_attn", "use_mmap", "use_mlock", "rope_freq_base",
-        "rope_freq_scale", "type_k", "type_v", "offload_kqv", "last_n_tokens_size", "seed",
+        "rope_freq_scale", "type_k", "type_v", "offload_kqv", "parallel", "cache_ram_mb",
     }),
-    # device: "gpu" (the default: Metal, or CUDA with mlx[cuda]) or "cpu".
-    "mlx": frozenset({"device", "prompt_cache_slots", "prefill_step_size"}),
-    "scripted": frozenset({"load_seconds", "fail_load", "token_seconds", "crash_after_tokens"}),
+    # device: "gpu" (the default: Metal, or CUDA with mlx[cuda]) or "cpu"; prompt_cache_slots:
+    # accepted for old configs and ignored (cache_ram_mb bounds the prompt cache now).
+    "mlx": frozenset({"device", "prefill_step_size", "parallel", "cache_ram_mb", "prompt_cache_slots"}),
+    "scripted": frozenset({"load_seconds", "fail_load", "token_seconds", "crash_after_tokens", "parallel"}),
 }
 
 
@@ -125,15 +148,25 @@ class Configure(msgspec.Struct, tag="configure", tag_field=_TAG, frozen=True):
     streams: StreamSettings = StreamSettings()
 
 
+class StoredTurn(msgspec.Struct, frozen=True):
+    """An earlier Responses API exchange, as the router keeps it for previous_response_id."""
+
+    request: bytes  # the request body
+    response: bytes  # the Response object
+
+
 class Request(msgspec.Struct, tag="request", tag_field=_TAG, frozen=True):
     """Payload frame: the client's HTTP body, unparsed by the router.
 
     With `stream_key`, a streaming answer is kept for resuming and survives the
-    client: the router sends Detach instead of Cancel when the client leaves."""
+    client: the router sends Detach instead of Cancel when the client leaves.
+    `history`: the stored turns a Responses request continues, oldest first."""
 
     req_id: int
     endpoint: Endpoint
     stream_key: str | None = None
+    history: list[StoredTurn] = []
+    window: int = 0  # body bytes the worker may send before it waits for Credit; 0: no limit
 
 
 class Cancel(msgspec.Struct, tag="cancel", tag_field=_TAG, frozen=True):
@@ -155,6 +188,16 @@ class StreamRead(msgspec.Struct, tag="stream_read", tag_field=_TAG, frozen=True)
     req_id: int
     key: str
     offset: int
+    window: int = 0  # as Request.window
+
+
+class Credit(msgspec.Struct, tag="credit", tag_field=_TAG, frozen=True):
+    """The router wrote `bytes` more of the request's body to its client: the worker may
+    send that many more. Flow control: a slow client slows its own request, and the
+    router never holds more than the window of it."""
+
+    req_id: int
+    bytes: int
 
 
 class StreamLookup(msgspec.Struct, tag="stream_lookup", tag_field=_TAG, frozen=True):
@@ -214,8 +257,20 @@ class LoadFailed(msgspec.Struct, tag="load_failed", tag_field=_TAG, frozen=True)
 
 
 class WorkerStatus(msgspec.Struct, tag="status", tag_field=_TAG, frozen=True):
-    active: int
-    queued: int
+    """Sent with every Heartbeat answer: what the worker is doing, and its counters so far."""
+
+    active: int  # requests holding slots
+    queued: int  # requests waiting for a slot
+    slots_busy: int = 0
+    slots_total: int = 0
+    cache_entries: int = 0  # the host-RAM prompt cache of idle conversations
+    cache_bytes: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    prompt_tokens: int = 0  # evaluated, since the worker started
+    cached_tokens: int = 0  # taken from a cache instead
+    generated_tokens: int = 0
+    requests: int = 0  # finished
 
 
 class ResponseHead(msgspec.Struct, tag="head", tag_field=_TAG, frozen=True):
@@ -232,6 +287,18 @@ class BodyChunk(msgspec.Struct, tag="chunk", tag_field=_TAG, frozen=True):
 
 class ResponseEnd(msgspec.Struct, tag="end", tag_field=_TAG, frozen=True):
     req_id: int
+    prompt_tokens: int = 0  # what the request cost, for the router's access log and metrics
+    completion_tokens: int = 0
+    first_token_ms: float = 0.0  # from the worker receiving the request to its first token
+    predicted_ms: float = 0.0  # from the first token to the last (the first choice's)
+
+
+class ResponseStored(msgspec.Struct, tag="stored", tag_field=_TAG, frozen=True):
+    """A Responses API answer to keep (the request asked `store`): sent before its end."""
+
+    req_id: int
+    response_id: str
+    turn: StoredTurn
 
 
 class StreamStates(msgspec.Struct, tag="stream_states", tag_field=_TAG, frozen=True):
@@ -248,10 +315,12 @@ class ResponseError(msgspec.Struct, tag="error", tag_field=_TAG, frozen=True):
     kind: ErrorKind
     message: str
     param: str | None = None
+    sizes: tuple[int, int] | None = None  # a prompt over the context: (its tokens, n_ctx)
 
 
 Downstream = (
-    Configure | Request | Cancel | Detach | StreamRead | StreamLookup | StreamDelete | Shutdown | Heartbeat
+    Configure | Request | Cancel | Detach | Credit | StreamRead | StreamLookup | StreamDelete | Shutdown
+    | Heartbeat
 )
 Upstream = (
     Hello
@@ -264,6 +333,7 @@ Upstream = (
     | BodyChunk
     | ResponseEnd
     | ResponseError
+    | ResponseStored
     | StreamStates
     | Heartbeat
 )

@@ -24,16 +24,18 @@ class Estimate:
     """What a model will take, read from its files before any worker starts."""
 
     weights: int
-    kv_cache: int
+    kv_cache: int  # every slot's: parallel x n_ctx
     overhead: int
+    prompt_cache: int = 0  # the bound of the host-RAM cache of idle conversations (cache_ram_mb)
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.overhead
+        return self.weights + self.kv_cache + self.overhead + self.prompt_cache
 
     def describe(self) -> str:
+        cache = f", prompt cache up to {mib(self.prompt_cache)}" if self.prompt_cache else ""
         return (f"about {mib(self.total)} (weights {mib(self.weights)}, KV cache "
-                f"{mib(self.kv_cache)}, process {mib(self.overhead)})")
+                f"{mib(self.kv_cache)}{cache}, process {mib(self.overhead)})")
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ typed struct, answer JSON or start an event stream. No route logic lives here.""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
@@ -76,3 +77,14 @@ async def send_json(send: Send, value: Any, status: int = 200) -> None:
     await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
+
+
+class RawEndpoint:
+    """A pure ASGI endpoint for a Route (Starlette runs a plain function or a bound
+    method as request -> response)."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._app(scope, receive, send)

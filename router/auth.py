@@ -1,61 +1,82 @@
-"""API-key check as pure ASGI middleware.
+"""API keys as pure ASGI middleware: who is calling, and whether their role may do this.
 
-The key a request came with also names who owns what it starts (a resumable
-stream): routes read `owner(scope)`, a digest, never the key itself.
+Every route but /health (and a served web app's files) needs `Authorization: Bearer KEY`
+or `x-api-key: KEY` once keys are configured. The key found is put in the request's
+scope: routes read `owner(scope)` (what owns the streams and stored responses it starts,
+a digest, never the key) and `may_use(scope, model)` (a user key limited to some models
+sees no others). Management routes and /metrics are for admin keys: a user key gets 403.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from protocol.errors import ErrorKind
+from protocol.errors import Dialect, ErrorKind
 from router.errors import send_error
+from router.keys import Key, Keys, Role
 
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/v1/health"})
+# (method, path): what only an admin key may do.
+ADMIN_ONLY = frozenset({
+    ("POST", "/models/load"), ("POST", "/models/unload"), ("POST", "/models/pull"), ("POST", "/models"),
+    ("DELETE", "/models"), ("POST", "/models/prune"), ("POST", "/models/reload"),
+    ("GET", "/metrics"), ("HEAD", "/metrics"),  # unless metrics_public (then it is a public path)
+})
+_KEY = "modelherd.key"
 
 
 class APIKeyMiddleware:
-    """Every route but /health needs `Authorization: Bearer KEY` or `x-api-key: KEY`."""
-
-    def __init__(self, app: ASGIApp, keys: list[str]) -> None:
+    def __init__(self, app: ASGIApp, keys: Keys, public: frozenset[str] = frozenset()) -> None:
         self.app = app
-        self._keys = [k.encode() for k in keys]
-        self._owners = [hashlib.sha256(k).hexdigest()[:16] for k in self._keys]
+        self._keys = keys
+        self._public = OPEN_PATHS | public  # and the files of a served web app, which hold no data
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self._keys or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or not self._keys.enabled or self._is_public(scope):
             await self.app(scope, receive, send)
             return
-        match = self._match(_presented_key(scope))
-        if match is not None:
-            scope.setdefault("state", {})[_OWNER] = self._owners[match]
-            await self.app(scope, receive, send)
+        dialect = Dialect.ANTHROPIC if scope["path"].startswith("/v1/messages") else Dialect.OPENAI
+        presented = _presented_key(scope)
+        key = self._keys.find(presented) if presented is not None else None
+        if key is None:
+            await send_error(send, ErrorKind.AUTHENTICATION, "invalid or missing API key: send "
+                             "'Authorization: Bearer <key>' or 'x-api-key'", dialect=dialect)
             return
-        await send_error(send, ErrorKind.AUTHENTICATION,
-                         "invalid or missing API key: send 'Authorization: Bearer <key>' or 'x-api-key'")
+        if key.role is not Role.ADMIN and (scope["method"], scope["path"]) in ADMIN_ONLY:
+            await send_error(send, ErrorKind.FORBIDDEN, f"{scope['method']} {scope['path']} needs an admin "
+                             f"key; key {key.name!r} has the role {key.role.value!r}", dialect=dialect)
+            return
+        scope.setdefault("state", {})[_KEY] = key
+        await self.app(scope, receive, send)
 
-    def _match(self, presented: bytes | None) -> int | None:
-        """The index of the presented key, or None."""
-        if presented is None:
-            return None
-        # Compare against every key, without stopping early, in constant time each.
-        match = None
-        for i, key in enumerate(self._keys):
-            if hmac.compare_digest(key, presented):
-                match = i
-        return match
+    def _is_public(self, scope: Scope) -> bool:
+        path = scope["path"]
+        return path in self._public or (scope["method"] in ("GET", "HEAD") and path.startswith("/_app/")
+                                        and "/_app/" in self._public)
 
 
-_OWNER = "modelherd.owner"
+def key_of(scope: Scope) -> Key | None:
+    """The key the request came with; None when keys are off."""
+    key = (scope.get("state") or {}).get(_KEY)
+    return key if isinstance(key, Key) else None
 
 
 def owner(scope: Scope) -> str:
     """Who the request acts for: a digest of its API key, or "" when keys are off."""
-    state = scope.get("state") or {}
-    return str(state.get(_OWNER, ""))
+    key = key_of(scope)
+    return key.owner if key is not None else ""
+
+
+def key_name(scope: Scope) -> str:
+    """What logs and metrics call the caller: its key's name ("-" when keys are off)."""
+    key = key_of(scope)
+    return key.name if key is not None else "-"
+
+
+def may_use(scope: Scope, model: str) -> bool:
+    """Whether the caller's key may see `model` (its own name, not an alias)."""
+    key = key_of(scope)
+    return key is None or key.may_use(model)
 
 
 def _presented_key(scope: Scope) -> bytes | None:

@@ -28,6 +28,7 @@ from protocol.messages import (
     ResponseEnd,
     ResponseError,
     ResponseHead,
+    ResponseStored,
     StreamStates,
     Upstream,
 )
@@ -35,11 +36,11 @@ from protocol.messages import (
 log = logging.getLogger("modelherd.bridge")
 
 # What a request is delivered: a response message and its payload, if any.
-Response = ResponseHead | BodyChunk | ResponseEnd | ResponseError | StreamStates
+Response = ResponseHead | BodyChunk | ResponseEnd | ResponseError | ResponseStored | StreamStates
 Item = tuple[Response, bytes | None]
 Deliver = Callable[[Item], None]
 PeerHandler = Callable[[Upstream], None]
-_RESPONSES = (ResponseHead, BodyChunk, ResponseEnd, ResponseError, StreamStates)
+_RESPONSES = (ResponseHead, BodyChunk, ResponseEnd, ResponseError, ResponseStored, StreamStates)
 
 
 class PeerUnreachable(Exception):

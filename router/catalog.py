@@ -11,7 +11,8 @@ the folder.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import msgspec
@@ -42,6 +43,7 @@ class ModelEntry:
     origin: str  # "config" | "models_dir" | "builtin"
     worker: WorkerConfig
     policy: Policy = Policy()
+    tags: tuple[str, ...] = ()
 
 
 class Catalog:
@@ -64,7 +66,7 @@ class Catalog:
             entry = self._entries[self._by_alias[name]]
         return entry
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[ModelEntry]:
         return iter(self._entries.values())
 
     def __len__(self) -> int:
@@ -115,8 +117,9 @@ def _configured(name: str, section: ModelSection, settings: Settings, origin: st
         raise ConfigError(f"config key models.{name}.backend: cannot tell which backend serves "
                           f"{path} (neither a .gguf file nor a folder with config.json and "
                           "*.safetensors); set backend = \"llama_cpp\" or \"mlx\"")
-    return _entry(name, path, mmproj, origin, tuple(section.aliases), backend, settings.defaults, section,
-                  policy, download)
+    entry = _entry(name, path, mmproj, origin, tuple(section.aliases), backend, settings.defaults, section,
+                   policy, download)
+    return replace(entry, tags=tuple(section.tags))
 
 
 def _check_startup_set(entries: list[ModelEntry], max_models: int) -> None:

@@ -1,4 +1,6 @@
-"""Command line: `modelherd serve ...` and `modelherd pull NAME|SOURCE`.
+"""Command line: `modelherd serve ...`, `modelherd pull NAME|SOURCE`, the client commands
+(`ps`, `ls`, `load`, `unload`, `rm`: router.clientargs, router.clientcli), and
+`modelherd service install|uninstall` (router.service).
 
 Kept free of heavy imports: spawned workers import the parent's main module,
 and this is it when started from the console script.
@@ -7,14 +9,17 @@ and this is it when started from the console script.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
+
+from router.clientargs import CLIENT_COMMANDS, add_client_commands, add_connection_options
+from router.version import version
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modelherd", description="Serve several local LLMs "
                                      "behind one OpenAI-compatible endpoint.")
+    parser.add_argument("--version", action="version", version=f"modelherd {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the daemon")
     serve.add_argument("--config", type=Path, help="TOML config file (every key optional)")
@@ -39,20 +44,56 @@ def _parser() -> argparse.ArgumentParser:
                        help="unload a model idle this long (default 0 = never)")
     serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
     serve.add_argument("--max-body-bytes", type=int, help="largest request body (default 16 MiB)")
-    pull = sub.add_parser("pull", help="download a model into the cache without serving it")
+    serve.add_argument("--ui-dir", metavar="DIR",
+                       help="serve a built web app (e.g. llama.cpp's web UI) at / from DIR")
+    pull = sub.add_parser("pull", help="download a model into the cache without serving it: through the "
+                          "daemon when one answers, else here")
     pull.add_argument("what", metavar="NAME|SOURCE",
                       help="a model of the config (or a built-in one), or hf://... / https://...")
     pull.add_argument("--config", type=Path, help="TOML config file naming the model")
-    pull.add_argument("--cache-dir", metavar="DIR", help="where downloads go (as for serve)")
+    pull.add_argument("--cache-dir", metavar="DIR", help="where downloads go (as for serve); implies --local")
+    pull.add_argument("--local", action="store_true",
+                      help="download in this process, into this user's cache, without asking a daemon")
+    add_connection_options(pull, config=False)
+    add_client_commands(sub)
+    _add_service_commands(sub)
     return parser
+
+
+def _add_service_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    service = sub.add_parser("service", help="run the daemon as a systemd service (router.service)",
+                             epilog="exit codes: 0 done, 1 a systemctl command failed, 69 no systemd "
+                                    "here, 73 a file could not be written, 77 not root")
+    actions = service.add_subparsers(dest="action", required=True)
+    install = actions.add_parser("install", help="write the unit (and a starter config and key file "
+                                 "if there are none), then enable and start it")
+    uninstall = actions.add_parser("uninstall", help="stop, disable and remove the unit")
+    for p in (install, uninstall):
+        p.add_argument("--user", action="store_true",
+                       help="a user unit in ~/.config/systemd/user, with systemctl --user")
+        p.add_argument("--dry-run", action="store_true", help="print what would be written and run")
+        p.add_argument("--root", type=Path, metavar="DIR",
+                       help="work in DIR as if it were / (an image or a package): files only, a "
+                            "system unit enabled with systemctl --root, nothing started")
+    uninstall.add_argument("--purge", action="store_true", help="also remove the config and key file")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "pull":
-        from router.pullcli import pull
+        from router.clientcli import pull
 
-        return pull(args.what, args.config, args.cache_dir)
+        return pull(args)
+    if args.command == "service":
+        from router import service
+
+        if args.action == "install":
+            return service.install(args.user, args.dry_run, args.root)
+        return service.uninstall(args.user, args.dry_run, args.root, args.purge)
+    if args.command in CLIENT_COMMANDS:
+        from router.clientcli import run
+
+        return run(args)
     from router.config import ConfigError, build_settings
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
@@ -61,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"modelherd: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.server.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from router.logs import configure
+
+    configure(settings.server.log_level)  # the journal's format under systemd (router.logs)
     from router.catalog import build_catalog
     from router.server import serve
 

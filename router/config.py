@@ -16,6 +16,16 @@ from msgspec import Meta
 
 from protocol.messages import OptionValue
 from router.builtin import builtin_sources
+from router.keys import (
+    Key,
+    KeyConfigError,
+    KeySection,
+    Role,
+    digest,
+    from_credentials,
+    from_sections,
+    read_key_file,
+)
 
 DEFAULT_PORT = 8080
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
@@ -35,7 +45,8 @@ class ServerSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     host: Annotated[str, Meta(min_length=1)] | Annotated[list[Annotated[str, Meta(min_length=1)]],
                                                           Meta(min_length=1)] = "127.0.0.1"
     port: Port = DEFAULT_PORT
-    api_keys: list[Annotated[str, Meta(min_length=1)]] = []
+    api_keys: list[Annotated[str, Meta(min_length=1)]] = []  # admin keys (see also [[keys]])
+    key_file: str = ""  # more keys, in [[keys]] tables (router.keys); relative to this file
     models_dirs: list[str] = []
     autoload: bool = True
     max_body_bytes: Annotated[int, Meta(ge=1024)] = DEFAULT_MAX_BODY
@@ -46,6 +57,9 @@ class ServerSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_models: Annotated[int, Meta(ge=0)] = 4
     # Seconds a model may sit idle before it is unloaded; 0 = never (per model: `ttl`).
     idle_ttl: Annotated[float, Meta(ge=0)] = 0.0
+    # The built-in models (router.builtin) beside this file's: offered by default only when
+    # there is no config file; true keeps them, false (or --no-builtin-models) drops them.
+    builtin_models: bool | None = None
     # Per model, requests queued or running before a 429 (per model: `max_queue`).
     max_queue: Annotated[int, Meta(ge=1)] = 32
     # Requests waiting for a model to load, over all models, before a 503.
@@ -61,6 +75,14 @@ class ServerSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     stream_retention: Annotated[float, Meta(ge=0)] = 300.0
     max_conversations: Annotated[int, Meta(ge=1)] = 100_000
     stream_fanout_timeout: Annotated[float, Meta(gt=0)] = 0.25
+    # Flow control: body bytes of one request in flight between a worker and its client. A
+    # client reading slower than its model writes slows its own request, no other; the
+    # router never holds more than about this much of it.
+    stream_window_bytes: Annotated[int, Meta(ge=4096)] = 256 * 1024
+    # Workers are pinged this often; one silent for heartbeat_timeout seconds is hung: its
+    # requests end with a 503, it is stopped, and the next request starts a fresh one.
+    heartbeat_interval: Annotated[float, Meta(gt=0)] = 5.0
+    heartbeat_timeout: Annotated[float, Meta(gt=0)] = 30.0
     # Seconds between the comment lines that keep an idle GET /models/sse connection open.
     sse_keepalive: Annotated[float, Meta(gt=0)] = 15.0
     # Where downloaded models go: --cache-dir, else systemd's CACHE_DIRECTORY, else
@@ -68,6 +90,27 @@ class ServerSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     cache_dir: str = ""
     # Plain http:// sources beyond loopback hosts (nothing checks what arrives but sha256).
     allow_insecure_http: bool = False
+    # The model a request without `model` goes to; empty: the only model, when there is one.
+    default_model: str = ""
+    # A built web app (e.g. llama.cpp's tools/ui) served at / from this folder, its files
+    # readable without an API key (as llama-server serves its UI); relative to the config file.
+    ui_dir: str = ""
+    # GET /metrics without an API key (for a Prometheus on a trusted network); else admin keys only.
+    metrics_public: bool = False
+    # Origins a browser app may call from (CORS). Empty: any http(s)://localhost or 127.0.0.1
+    # origin; ["*"]: any origin.
+    cors_origins: list[str] = []
+    # Responses API answers kept for previous_response_id and GET /v1/responses/{id}.
+    max_stored_responses: Annotated[int, Meta(ge=0)] = 10_000
+    stored_responses_mb: Annotated[int, Meta(ge=0)] = 64
+    # What a client connection may cost before its request reaches a route: a request head
+    # (request line and headers) larger than max_header_bytes gets a 431; a connection that has
+    # not sent a whole head within header_timeout seconds is closed (with a 408 if it sent part
+    # of one). Past max_connections open connections, the one waiting longest for a request
+    # head (or idle between requests) is closed to make room; when all are busy, a 503.
+    max_header_bytes: Annotated[int, Meta(ge=1024)] = 64 * 1024
+    header_timeout: Annotated[float, Meta(gt=0)] = 10.0
+    max_connections: Annotated[int, Meta(ge=1)] = 1024
 
 
     @property
@@ -90,6 +133,7 @@ class ModelSection(BackendOptions, forbid_unknown_fields=True, kw_only=True):
     sha256: Annotated[str, Meta(pattern="^[0-9a-fA-F]{64}$")] | None = None  # of a download
     backend: Backend | None = None
     aliases: list[Annotated[str, Meta(min_length=1)]] = []
+    tags: list[str] = []  # shown in /models (llama-server's `tags`)
     mmproj: str | None = None
     ttl: Annotated[float, Meta(ge=0)] | None = None  # idle seconds before unload; 0 = never
     pinned: bool = False  # never evicted, never unloaded for idleness
@@ -101,6 +145,7 @@ class FileConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     server: ServerSection = msgspec.field(default_factory=ServerSection)
     defaults: BackendOptions = msgspec.field(default_factory=BackendOptions)
     models: dict[str, ModelSection] = {}
+    keys: list[KeySection] = []  # [[keys]]: named keys with a role and, maybe, their models
 
 
 class Settings(msgspec.Struct, kw_only=True):
@@ -115,6 +160,9 @@ class Settings(msgspec.Struct, kw_only=True):
     cache_dir: Path
     # Offered without a config file (router.builtin); empty with one or --no-builtin-models.
     builtin_models: dict[str, ModelSection] = {}
+    keys: list[Key] = []  # every accepted key, from all its sources
+    config_path: Path | None = None  # what a reload reads again
+    overrides: dict[str, Any] = {}  # the command line's, applied again on a reload
 
 
 def default_models_dir(env: dict[str, str] | None = None) -> Path:
@@ -172,7 +220,7 @@ def _readable(message: str, prefix: str = "") -> str:
 def build_settings(config_path: Path | None, overrides: dict[str, Any]) -> Settings:
     """Merge the file (if any) with flag overrides; flags win."""
     file = load_file(config_path) if config_path else FileConfig()
-    paths_given = ("models_dirs", "cache_dir", "builtin_models")  # not server keys: used below
+    paths_given = ("models_dirs", "cache_dir", "builtin_models", "ui_dir")  # not server keys: used below
     server = msgspec.structs.replace(file.server, **{k: v for k, v in overrides.items()
                                                      if v is not None and k not in paths_given})
     flag_dirs = overrides.get("models_dirs")
@@ -195,12 +243,31 @@ def build_settings(config_path: Path | None, overrides: dict[str, Any]) -> Setti
         cache_dir = _resolve(config_dir, server.cache_dir)
     else:
         cache_dir = default_cache_dir()
+    if overrides.get("ui_dir"):
+        server = msgspec.structs.replace(server, ui_dir=str(_resolve(Path.cwd(), overrides["ui_dir"])))
+    elif server.ui_dir:
+        server = msgspec.structs.replace(server, ui_dir=str(_resolve(config_dir, server.ui_dir)))
     builtin: dict[str, ModelSection] = {}
-    if config_path is None and overrides.get("builtin_models") is not False:
+    wanted = overrides.get("builtin_models")
+    if wanted is None:
+        wanted = server.builtin_models if server.builtin_models is not None else config_path is None
+    if wanted:
         builtin = {name: ModelSection(source=source) for name, source in builtin_sources().items()}
+    try:
+        keys = [Key(f"key-{i}", digest(k), Role.ADMIN, None) for i, k in enumerate(server.api_keys, 1)]
+        keys += from_sections(file.keys, f"config file {config_path}")
+        if server.key_file:
+            keys += read_key_file(_resolve(config_dir, server.key_file))
+        keys += from_credentials()
+    except KeyConfigError as exc:
+        raise ConfigError(str(exc)) from exc
+    names = [k.name for k in keys]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError(f"config key keys: names must be unique ({', '.join(twice)} twice)")
     return Settings(server=server, defaults=file.defaults, models=file.models, models_dirs=paths,
                     default_models_dir=uses_default, config_dir=config_dir, cache_dir=cache_dir,
-                    builtin_models=builtin)
+                    builtin_models=builtin, keys=keys, config_path=config_path, overrides=dict(overrides))
 
 
 def _resolve(base: Path, path: str) -> Path:

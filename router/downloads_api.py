@@ -67,6 +67,7 @@ def routes(pool: Pool, pulls: Pulls, events: ModelEvents, cache_dir: Path) -> li
 
     return [
         Route("/models/pull", pull, methods=["POST"]),
+        Route("/models", pull, methods=["POST"]),  # llama-server's download route
         Route("/models", delete, methods=["DELETE"]),
         Route("/models/prune", prune, methods=["POST"]),
     ]

@@ -20,16 +20,18 @@ from __future__ import annotations
 import asyncio
 import enum
 import itertools
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.types import Receive, Send
 
-from protocol.errors import ErrorKind, sse_error_event
+from protocol.errors import Dialect, ErrorKind, sse_error_event
 from protocol.messages import (
     BodyChunk,
     Cancel,
+    Credit,
     Detach,
     Downstream,
     Endpoint,
@@ -37,6 +39,8 @@ from protocol.messages import (
     ResponseEnd,
     ResponseError,
     ResponseHead,
+    ResponseStored,
+    StoredTurn,
     StreamDelete,
     StreamRead,
 )
@@ -44,6 +48,7 @@ from router.asgi import SSE, SSE_HEADERS
 from router.bridge import Bridge, Item, PeerUnreachable
 from router.errors import send_error
 from router.pool import Pool, PoolError, WorkerHandle
+from router.requestlog import RequestFacts
 
 
 class Phase(enum.Enum):
@@ -70,7 +75,9 @@ _names = itertools.count(1)
 class Exchange:
     def __init__(self, bridge: Bridge, message: Callable[[int], Downstream], payload: bytes | None, *,
                  pool: Pool | None = None, model: str = "", worker: WorkerHandle | None = None,
-                 autoload: bool = True, stream_key: str | None = None) -> None:
+                 autoload: bool = True, stream_key: str | None = None,
+                 dialect: Dialect = Dialect.OPENAI, window: int = 0,
+                 facts: RequestFacts | None = None) -> None:
         self._bridge = bridge
         self._message = message
         self._payload = payload
@@ -79,6 +86,12 @@ class Exchange:
         self.worker = worker
         self._autoload = autoload
         self.stream_key = stream_key
+        self.dialect = dialect
+        self.window = window
+        self.facts = facts
+        if facts is not None:
+            facts.model = model
+        self.stored: ResponseStored | None = None  # a Responses answer the worker asked to keep
         self.name = f"x{next(_names)}"
         self.phase = Phase.WAITING
         self.attached = True
@@ -89,13 +102,18 @@ class Exchange:
 
     @classmethod
     def proxied(cls, pool: Pool, bridge: Bridge, model: str, endpoint: Endpoint, body: bytes, *,
-                autoload: bool, stream_key: str | None = None) -> Exchange:
-        return cls(bridge, lambda req_id: Request(req_id, endpoint, stream_key), body, pool=pool,
-                   model=model, autoload=autoload, stream_key=stream_key)
+                autoload: bool, stream_key: str | None = None, dialect: Dialect = Dialect.OPENAI,
+                history: list[StoredTurn] | None = None, window: int = 0,
+                facts: RequestFacts | None = None) -> Exchange:
+        turns = history or []
+        return cls(bridge, lambda req_id: Request(req_id, endpoint, stream_key, turns, window), body,
+                   pool=pool, model=model, autoload=autoload, stream_key=stream_key, dialect=dialect,
+                   window=window, facts=facts)
 
     @classmethod
-    def replay(cls, bridge: Bridge, worker: WorkerHandle, key: str, offset: int) -> Exchange:
-        return cls(bridge, lambda req_id: StreamRead(req_id, key, offset), None, worker=worker)
+    def replay(cls, bridge: Bridge, worker: WorkerHandle, key: str, offset: int, window: int = 0) -> Exchange:
+        return cls(bridge, lambda req_id: StreamRead(req_id, key, offset, window), None, worker=worker,
+                   window=window)
 
     @property
     def resumable(self) -> bool:
@@ -119,7 +137,7 @@ class Exchange:
     async def run(self, send: Send, receive: Receive) -> bool:
         """Serve it; True when the answer was an event stream (something to resume)."""
         watcher = asyncio.create_task(self._watch(receive), name=f"client-watch:{self.name}")
-        reply = _Reply(send)
+        reply = _Reply(send, self.dialect, self.facts)
         try:
             if self._pool is not None and not await self._lease(reply):
                 return False
@@ -170,6 +188,8 @@ class Exchange:
             await reply.error(*worker.gone_error())
             return False
         self.phase = Phase.RUNNING
+        if self.facts is not None:
+            self.facts.dispatched = time.monotonic()
         if not self.attached:  # its client left while it waited: the stream goes on alone
             self._tell_worker(Detach(req_id))
         while True:
@@ -186,9 +206,21 @@ class Exchange:
                     self._tell_worker(Cancel(req_id))
                     return reply.streamed
                 self._tell_worker(StreamDelete(0, [self.stream_key], item.reason))
+            elif isinstance(item, tuple) and isinstance(item[0], ResponseStored):
+                self.stored = item[0]
             elif isinstance(item, tuple):
-                if await reply.write(item, self._inbox.chunks):
+                done = await reply.write(item, self._inbox.chunks)
+                if done:
                     return reply.streamed
+                self._credit(req_id, reply)
+
+    def _credit(self, req_id: int, reply: _Reply) -> None:
+        """Flow control: what reached the client (or, for an answer sent whole, the router's
+        buffer) may be replaced by as much from the worker, granted in quarters of the
+        window so a stream costs one credit message per quarter, not one per token."""
+        if self.window and reply.taken >= self.window // 4:
+            self._tell_worker(Credit(req_id, reply.taken))
+            reply.taken = 0
 
     def _tell_worker(self, msg: Downstream | None) -> None:
         if msg is not None and self.worker is not None:
@@ -200,11 +232,14 @@ class _Reply:
     comes, anything else once whole (with its length). Nothing is written once the client
     has left."""
 
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, dialect: Dialect, facts: RequestFacts | None = None) -> None:
         self._send = send
+        self._dialect = dialect
+        self._facts = facts
         self.attached = True
         self.head: ResponseHead | None = None
         self._buffered: list[bytes] = []
+        self.taken = 0  # body bytes written (or buffered) since the last credit
 
     @property
     def streamed(self) -> bool:
@@ -217,25 +252,34 @@ class _Reply:
         if isinstance(msg, BodyChunk):
             if not self.streamed:
                 self._buffered.append(payload or b"")
+                self.taken += len(payload or b"")
                 return False
             # Tokens that queued up while we were writing go out in one write.
-            parts = [payload or b"", *more()]
-            await self._out({"type": "http.response.body", "body": b"".join(parts), "more_body": True})
+            body = b"".join([payload or b"", *more()])
+            await self._out({"type": "http.response.body", "body": body, "more_body": True})
+            self.taken += len(body)  # written: the transport held it back if the client was slow
             return False
         if isinstance(msg, ResponseHead):
             self.head = msg
             if msg.content_type == SSE:
+                if self._facts is not None:
+                    self._facts.streamed = True
                 await self._out({"type": "http.response.start", "status": msg.status, "headers": SSE_HEADERS})
             return False
         if isinstance(msg, ResponseEnd):
+            if self._facts is not None:
+                self._facts.prompt_tokens = msg.prompt_tokens
+                self._facts.completion_tokens = msg.completion_tokens
+                self._facts.first_token_ms = msg.first_token_ms
+                self._facts.predicted_ms = msg.predicted_ms
             await self._finish()
             return True
         if isinstance(msg, ResponseError):
             if self.streamed:
-                event = sse_error_event(msg.kind, msg.message)
+                event = sse_error_event(msg.kind, msg.message, self._dialect)
                 await self._out({"type": "http.response.body", "body": event})
             else:
-                await self.error(msg.kind, msg.message, msg.param)
+                await self.error(msg.kind, msg.message, msg.param, sizes=msg.sizes)
             return True
         return False
 
@@ -254,9 +298,9 @@ class _Reply:
             await self._out({"type": "http.response.body", "body": body})
 
     async def error(self, kind: ErrorKind, message: str, param: str | None = None,
-                    retry_after: int | None = None) -> None:
+                    retry_after: int | None = None, sizes: tuple[int, int] | None = None) -> None:
         if self.attached:
-            await send_error(self._send, kind, message, param, retry_after)
+            await send_error(self._send, kind, message, param, retry_after, self._dialect, sizes)
 
     async def _out(self, message: dict[str, object]) -> None:
         if self.attached:

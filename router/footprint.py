@@ -18,7 +18,7 @@ from typing import BinaryIO
 
 import psutil
 
-from protocol.messages import AUTO_N_CTX_CAP, WorkerConfig
+from protocol.messages import AUTO_N_CTX_CAP, DEFAULT_CACHE_RAM_MB, DEFAULT_PARALLEL, WorkerConfig
 from router.admission import MIB, Estimate
 
 # Measured: a llama.cpp worker serving a 0.5 MB model with n_ctx 512 has an RSS of
@@ -26,9 +26,6 @@ from router.admission import MIB, Estimate
 # An mlx-lm worker, which imports transformers for the tokenizer: 84 MiB (mlx 0.32.4).
 WORKER_OVERHEAD = {"llama_cpp": 64 * MIB, "mlx": 96 * MIB}
 DEFAULT_OVERHEAD = 64 * MIB
-# An mlx-lm worker keeps this many prompt caches (its `prompt_cache_slots` option), and
-# one more is in use while a request runs.
-MLX_CACHE_SLOTS = 4
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 # Bytes per element of the KV cache by ggml type id (llama-cpp-python's type_k/type_v).
@@ -40,19 +37,21 @@ def estimate(config: WorkerConfig) -> Estimate:
     """Blocking (reads a file header): call it off the event loop."""
     path = Path(config.path)
     overhead = WORKER_OVERHEAD.get(config.backend, DEFAULT_OVERHEAD)
+    parallel = max(1, _int_option(config, "parallel", DEFAULT_PARALLEL))
+    cache = max(0, _int_option(config, "cache_ram_mb", DEFAULT_CACHE_RAM_MB)) * MIB
     if config.backend == "mlx":
-        return Estimate(sum(_size(p) for p in path.glob("*.safetensors")), _mlx_kv_bytes(path, config),
-                        overhead)
+        return Estimate(sum(_size(p) for p in path.glob("*.safetensors")),
+                        parallel * _mlx_kv_bytes(path, config), overhead, cache)
     weights = sum(_size(p) for p in model_files(path))
     if config.mmproj:
         weights += _size(Path(config.mmproj))
     kv = 0
     if path.suffix.lower() == ".gguf":
         try:
-            kv = _kv_bytes(read_gguf_numbers(path), config)
+            kv = parallel * _kv_bytes(read_gguf_numbers(path), config)
         except (OSError, ValueError, OverflowError, MemoryError, struct.error):
             kv = 0  # unreadable header: the worker's load will say why
-    return Estimate(weights, kv, overhead)
+    return Estimate(weights, kv, overhead, cache if config.backend == "llama_cpp" else 0)
 
 
 def model_files(path: Path) -> list[Path]:
@@ -113,8 +112,7 @@ def _mlx_kv_bytes(folder: Path, config: WorkerConfig) -> int:
         return 0
     n_ctx = config.n_ctx or (min(AUTO_N_CTX_CAP, trained) if trained else AUTO_N_CTX_CAP)
     elem = _DTYPE_BYTES.get(str(meta.get("torch_dtype") or meta.get("dtype") or ""), 2)
-    slots = _int_option(config, "prompt_cache_slots", MLX_CACHE_SLOTS)
-    return (max(1, slots) + 1) * layers * n_ctx * heads_kv * head_dim * 2 * elem
+    return layers * n_ctx * heads_kv * head_dim * 2 * elem  # one slot's
 
 
 def _int_option(config: WorkerConfig, name: str, default: int) -> int:

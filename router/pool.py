@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from protocol.errors import ErrorKind
-from protocol.messages import DownloadProgress, LoadProgress, ModelInfo, WorkerConfig
+from protocol.messages import DownloadProgress, LoadProgress, ModelInfo, WorkerConfig, WorkerStatus
 from router.admission import MIB, Estimate
 from router.catalog import Catalog, ModelEntry
 from router.effects import Deny, Effect, EstimateMemory, Grant, Log, StartLoad, Status, Stop
@@ -45,6 +45,8 @@ class WorkerHandle(Protocol):
 
     identity: bytes
     exit_code: int | None
+    status: WorkerStatus | None
+    last_seen: float
 
     @property
     def pid(self) -> int | None: ...
@@ -56,6 +58,7 @@ class WorkerHandle(Protocol):
     def log_tail(self) -> Sequence[str]: ...
     async def start(self, load_timeout: float) -> ModelInfo: ...
     async def stop(self, grace: float) -> None: ...
+    def heartbeat(self, seq: int) -> None: ...
     def gone_error(self) -> tuple[ErrorKind, str]: ...
     def describe_exit(self) -> str: ...
 
@@ -123,6 +126,8 @@ class ModelView:
 class Pool:
     def __init__(self, catalog: Catalog, settings: SchedulerSettings, launcher: Launcher, memory: Memory,
                  estimator: Callable[[WorkerConfig], Estimate], *, load_timeout: float,
+                 heartbeat: tuple[float, float] = (5.0, 30.0),
+                 on_hung: Callable[[WorkerHandle, str], None] = lambda worker, why: None,
                  on_status: Callable[[ModelView], None] = lambda view: None,
                  on_progress: Callable[[ModelView], None] = lambda view: None,
                  on_idle: Callable[[], None] = lambda: None,
@@ -133,6 +138,8 @@ class Pool:
         self._memory = memory
         self._estimator = estimator
         self._load_timeout = load_timeout
+        self._heartbeat_every, self._heartbeat_timeout = heartbeat
+        self._on_hung = on_hung
         self._on_status = on_status
         self._on_progress = on_progress
         self._on_idle = on_idle
@@ -148,6 +155,7 @@ class Pool:
         self._effects: list[Effect] = []
         self._applying = False
         self._changed = asyncio.Event()
+        self._closing = asyncio.Event()
 
     # ---- views -------------------------------------------------------------------
 
@@ -239,11 +247,18 @@ class Pool:
         if exit_of is not None:
             await asyncio.shield(exit_of)
 
+    def update_catalog(self, catalog: Catalog) -> None:
+        """A reload: new models appear, removed ones go once idle, changed ones reload once idle."""
+        self.catalog = catalog
+        self._feed(self.scheduler.update_catalog(list(catalog), self._clock()))
+
     # ---- the daemon's life ----------------------------------------------------------
 
     def start(self) -> None:
         """Start the timer (idle ttl, re-planning) and the load_on_startup models."""
         self._own(self._time(), "pool-timer")
+        if self._heartbeat_every > 0:
+            self._own(self._heartbeats(), "heartbeats")
         for m in self.scheduler.models():
             if m.entry.policy.load_on_startup:
                 self._own(self._quiet_load(m.name), f"startup-load:{m.name}")
@@ -269,6 +284,7 @@ class Pool:
     async def close(self, grace: float) -> None:
         """Stop every worker by the ladder, giving what runs `grace` seconds; returns once
         every worker has exited and every task of the pool has ended."""
+        self._closing.set()
         self._feed(self.scheduler.close(grace))
         for key, worker in list(self._workers.items()):
             if key not in self._stopped:  # whatever a race left behind is stopped too
@@ -411,6 +427,31 @@ class Pool:
             try:
                 async with asyncio.timeout(None if due is None else due - now):
                     await self._changed.wait()
+            except TimeoutError:
+                pass
+
+    async def _heartbeats(self) -> None:
+        """Ping every loaded worker; one silent for heartbeat_timeout is hung (a stuck driver,
+        a SIGSTOP, a swap storm): its requests end with a 503 and it is stopped."""
+        loop = asyncio.get_running_loop()
+        seq = 0
+        while not self.scheduler.closed:
+            seq += 1
+            now = loop.time()
+            for m in self.scheduler.models():
+                worker = self._workers.get((m.name, m.gen)) if m.gen else None
+                if worker is None or m.status is not ModelStatus.LOADED:
+                    continue
+                if worker.last_seen and now - worker.last_seen > self._heartbeat_timeout:
+                    why = (f"not responding: no answer to heartbeats for {now - worker.last_seen:.0f} s "
+                           f"(heartbeat_timeout {self._heartbeat_timeout:g} s)")
+                    self._on_hung(worker, f"model {m.name!r} is {why}; retry")
+                    self._feed(self.scheduler.worker_hung(m.name, m.gen, Failure(why, None,
+                                                                                 tuple(worker.log_tail))))
+                    continue
+                worker.heartbeat(seq)
+            try:  # closing ends the wait at once
+                await asyncio.wait_for(self._closing.wait(), self._heartbeat_every)
             except TimeoutError:
                 pass
 

@@ -23,17 +23,20 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
 from protocol.messages import DownloadProgress
 from router.modelstate import ModelStatus
 from router.pool import ModelView
 from router.schema import (
+    DoneTotal,
+    DownloadEvent,
     DownloadState,
     FeedData,
     FeedEvent,
     FeedState,
     FileDone,
-    LoadStage,
+    LoadStages,
     Snapshot,
 )
 
@@ -43,7 +46,7 @@ THROTTLE_S = 0.1
 QUEUE_EVENTS = 256
 
 
-def event_line(model: str | None, event: str, data: FeedData) -> bytes:
+def event_line(model: str | None, event: str, data: FeedData | UnsetType = UNSET) -> bytes:
     return b"data: " + _json.encode(FeedEvent(model, event, data)) + b"\n\n"
 
 
@@ -61,12 +64,19 @@ def model_state(view: ModelView) -> FeedState:
     elif m.status is ModelStatus.LOADING and progress.stage:
         state.stage = progress.stage
         state.value = round(progress.value, 4)
+        state.progress = LoadStages(state.value)
     return state
 
 
 def download_data(msg: DownloadProgress) -> DownloadState:
     eta = None if msg.eta_s is None else round(msg.eta_s, 1)
     return DownloadState(msg.file, msg.downloaded, msg.total, round(msg.bytes_per_s), eta)
+
+
+def download_event(msg: DownloadProgress) -> DownloadEvent:
+    d = download_data(msg)
+    return DownloadEvent({msg.file: DoneTotal(msg.downloaded, msg.total)}, d.file, d.downloaded, d.total,
+                         d.bytes_per_s, d.eta_s)
 
 
 class Resync:
@@ -77,8 +87,9 @@ RESYNC = Resync()
 
 
 class Subscriber:
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, sees: Callable[[str | None], bool] = lambda model: True) -> None:
         self._limit = limit
+        self.sees = sees  # the models its API key may see
         self._lines: deque[bytes] = deque()
         self._wake = asyncio.Event()
         self._resync = False
@@ -132,17 +143,19 @@ class ModelEvents:
 
     # ---- subscribers ----------------------------------------------------------
 
-    def subscribe(self) -> Subscriber:
-        sub = Subscriber(self._queue_events)
+    def subscribe(self, sees: Callable[[str | None], bool] = lambda model: True) -> Subscriber:
+        sub = Subscriber(self._queue_events, sees)
         self._subscribers.add(sub)
         return sub
 
     def unsubscribe(self, sub: Subscriber) -> None:
         self._subscribers.discard(sub)
 
-    def snapshot(self) -> bytes:
+    def snapshot(self, sub: Subscriber | None = None) -> bytes:
         models = []
         for view in self._views():
+            if sub is not None and not sub.sees(view.name):
+                continue
             state = model_state(view)
             state.id = view.name
             models.append(state)
@@ -177,19 +190,21 @@ class ModelEvents:
             if not self._downloading.get(name):
                 self._downloading[name] = True
                 self.publish(name, "status_change", model_state(view))  # now "downloading"
-            self.progress(name, "download_progress", download_data(msg), final=msg.finished)
+            self.progress(name, "download_progress", download_event(msg), final=msg.finished)
             if msg.finished:
                 self._downloading.pop(name, None)
                 self.publish(name, "download_finished", FileDone(msg.file))
                 self.publish(name, "status_change", FeedState(status=ModelStatus.LOADING.value))
-        else:
-            self.progress(name, "load_progress", LoadStage(progress.stage, round(progress.value, 4)),
-                          final=progress.value >= 1.0)
+        else:  # llama-server reports load progress inside status_change
+            value = round(progress.value, 4)
+            self.progress(name, "status_change", FeedState("loading", stage=progress.stage, value=value,
+                                                           progress=LoadStages(value)), final=value >= 1.0)
 
-    def publish(self, model: str | None, event: str, data: FeedData) -> None:
+    def publish(self, model: str | None, event: str, data: FeedData | UnsetType = UNSET) -> None:
         line = event_line(model, event, data)
         for sub in self._subscribers:
-            sub.push(line)
+            if sub.sees(model):
+                sub.push(line)
 
     def progress(self, model: str, event: str, data: FeedData, final: bool = False) -> None:
         key = (model, event)

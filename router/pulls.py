@@ -15,7 +15,7 @@ from multiprocess.process import BaseProcess
 
 from protocol.messages import Download, DownloadProgress, LoadFailed
 from router.launch import run_pull
-from router.progress import ModelEvents, download_data
+from router.progress import ModelEvents, download_event
 from router.schema import Failed, FileDone
 
 log = logging.getLogger("modelherd.pulls")
@@ -101,7 +101,7 @@ class Pulls:
         return task
 
     def _progress(self, name: str, msg: DownloadProgress) -> None:
-        self._events.progress(name, "download_progress", download_data(msg), final=msg.finished)
+        self._events.progress(name, "download_progress", download_event(msg), final=msg.finished)
 
     def _done(self, name: str, task: asyncio.Task[str | None]) -> None:
         self._running.pop(name, None)

@@ -5,7 +5,8 @@ are bound here first, so a taken port fails before anything starts and several
 addresses can be served. The ASGI lifespan enters the `Runtime`; once it is up, the
 daemon's own SIGTERM/SIGINT handlers replace uvicorn's (they only count the signal:
 the runtime's shutdown task drains, then asks uvicorn to exit). A daemon that drained
-cleanly exits 0.
+cleanly exits 0. Once uvicorn accepts connections, systemd hears READY=1 (router.notify);
+uvicorn logs through the daemon's one logging config (router.logs).
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ import contextlib
 import logging
 import signal
 import socket
-import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import uvicorn
 from starlette.applications import Starlette
@@ -24,6 +24,10 @@ from starlette.applications import Starlette
 from router.app import build_app
 from router.catalog import Catalog
 from router.config import Settings
+from router.httpguard import Limits, guarded_protocol, raise_fd_limit
+from router.logs import config as log_config
+from router.logs import log_access
+from router.notify import Notifier
 from router.runtime import Runtime
 
 log = logging.getLogger("modelherd")
@@ -62,24 +66,41 @@ def serve(settings: Settings, catalog: Catalog) -> int:
         return runner.run(_serve(settings, catalog))
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, saying when it accepts connections (systemd's READY=1 waits for it)."""
+
+    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_started = on_started
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and not self.should_exit:
+            self._on_started()
+
+
 async def _serve(settings: Settings, catalog: Catalog) -> int:
-    # Printed, not logged: where it looked must show whatever the log level.
+    # At info, the default level: where it looked, and what it found.
     for directory in settings.models_dirs:
         if settings.default_models_dir:
             directory.mkdir(parents=True, exist_ok=True)
         state = "" if directory.is_dir() else " (does not exist)"
-        print(f"modelherd: models dir: {directory}{state}", file=sys.stderr, flush=True)
+        log.info("models dir: %s%s", directory, state)
     names = ", ".join(e.name for e in catalog) or "none"
-    print(f"modelherd: {len(catalog)} model(s) available: {names}", file=sys.stderr, flush=True)
+    log.info("%d model(s) available: %s", len(catalog), names)
 
     server_settings = settings.server
     try:
         sockets = bind(server_settings.hosts, server_settings.port)
     except OSError as exc:
-        print(f"modelherd: cannot listen on {', '.join(server_settings.hosts)} port "
-              f"{server_settings.port}: {exc.strerror}", file=sys.stderr, flush=True)
+        log.error("cannot listen on %s port %d: %s", ", ".join(server_settings.hosts),
+                  server_settings.port, exc.strerror)
         return 1
-    runtime = Runtime(settings, catalog)
+    warning = raise_fd_limit(server_settings.max_connections)
+    if warning:
+        log.warning("%s", warning)
+    runtime = Runtime(settings, catalog, Notifier())
+    runtime.request_observers.append(log_access)  # the access log: one line per request
     server: uvicorn.Server | None = None
 
     @contextlib.asynccontextmanager
@@ -88,6 +109,7 @@ async def _serve(settings: Settings, catalog: Catalog) -> int:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, runtime.signal)
+            loop.add_signal_handler(signal.SIGHUP, runtime.hangup)
             runtime.watch_signals(stop_serving)
             for sock in sockets:
                 host, port = sock.getsockname()[:2]
@@ -100,12 +122,20 @@ async def _serve(settings: Settings, catalog: Catalog) -> int:
         server.should_exit = True
 
     app = build_app(settings, runtime, lifespan)
-    server = uvicorn.Server(uvicorn.Config(
+    limits = Limits(server_settings.max_header_bytes, server_settings.header_timeout,
+                    server_settings.max_connections)
+    server = _Server(uvicorn.Config(
         app, log_level=server_settings.log_level, lifespan="on",
         # The drain already waited for requests in flight; this is for stragglers.
-        timeout_graceful_shutdown=1, access_log=server_settings.log_level == "debug",
+        timeout_graceful_shutdown=1,
+        # One logging setup for uvicorn's lines and ours (router.logs); requests are logged by
+        # the access-log observer, with the model, tokens and key name uvicorn does not know.
+        log_config=log_config(server_settings.log_level), access_log=False,
         server_header=False,
-    ))
+        # httptools with bounds on request heads and connections (router.httpguard); no route
+        # is a WebSocket, and an upgraded connection would leave the guard's bookkeeping.
+        http=guarded_protocol(limits), ws="none",
+    ), runtime.announce_ready)
     try:
         await server.serve(sockets)
     finally:

@@ -13,7 +13,6 @@ a stream is the proxy's: router.proxy.)
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 
 from starlette.datastructures import QueryParams
 from starlette.requests import Request
@@ -23,7 +22,7 @@ from starlette.types import Receive, Scope, Send
 
 from protocol.errors import ErrorKind
 from protocol.messages import STREAM_DELETED, StreamLookup, StreamState, StreamStates
-from router.asgi import SSE_HEADERS, ClientGone, decode, json_response, read_body
+from router.asgi import SSE_HEADERS, ClientGone, RawEndpoint, decode, json_response, read_body
 from router.auth import owner
 from router.bridge import Bridge
 from router.convs import (
@@ -47,7 +46,8 @@ LOADING_RETRY_S = 2  # llama.cpp's web UI retries a resume every 2 s
 
 
 class Streams:
-    def __init__(self, bridge: Bridge, tracker: Tracker, fanout_timeout: float) -> None:
+    def __init__(self, bridge: Bridge, tracker: Tracker, fanout_timeout: float, window: int = 0) -> None:
+        self.window = window
         self.bridge = bridge
         self.tracker = tracker
         self.fanout_timeout = fanout_timeout
@@ -73,7 +73,7 @@ class Streams:
             await send({"type": "http.response.body", "body": b""})
             return
         # A reader leaving ends only this replay: the worker drops the reader, the stream goes on.
-        await Exchange.replay(self.bridge, worker, conv.key, offset).run(send, receive)
+        await Exchange.replay(self.bridge, worker, conv.key, offset, self.window).run(send, receive)
 
     def _owner(self, who: str, conv_id: str) -> tuple[Conversation, WorkerHandle]:
         conv = self.tracker.get(who, conv_id)
@@ -137,7 +137,7 @@ class Streams:
         return Response(status_code=204)
 
     def routes(self) -> list[Route]:
-        read = _Raw(self.read)
+        read = RawEndpoint(self.read)
         return [
             Route("/v1/stream", read, methods=["GET"]),
             Route("/v1/stream/{conv_id:path}", read, methods=["GET"]),
@@ -145,16 +145,6 @@ class Streams:
             Route("/v1/stream/{conv_id:path}", self.delete, methods=["DELETE"]),
             Route("/v1/streams/lookup", self.lookup, methods=["POST"]),
         ]
-
-
-class _Raw:
-    """A pure ASGI endpoint. (Starlette would run a bound method as request -> response.)"""
-
-    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
-        self._app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._app(scope, receive, send)
 
 
 def _offset(raw: str) -> int:

@@ -19,11 +19,13 @@ import multiprocess
 from multiprocess.connection import Connection
 from multiprocess.process import BaseProcess
 
+from protocol import loglines
 from protocol.codec import VersionMismatch, check_hello
 from protocol.errors import ErrorKind
 from protocol.messages import (
     Configure,
     DownloadProgress,
+    Heartbeat,
     Hello,
     LoadFailed,
     LoadProgress,
@@ -33,6 +35,7 @@ from protocol.messages import (
     StreamSettings,
     Upstream,
     WorkerConfig,
+    WorkerStatus,
 )
 from router.bridge import Bridge, PeerUnreachable
 from router.launch import run_worker
@@ -60,6 +63,8 @@ class WorkerProcess:
         self.streams = streams or StreamSettings()
         self.identity = f"{config.name}/{uuid.uuid4().hex[:8]}".encode()
         self.info: ModelInfo | None = None
+        self.status: WorkerStatus | None = None  # the last one its heartbeat answers carried
+        self.last_seen = 0.0  # loop time of its last message: a hung worker's stops moving
         self.exit_code: int | None = None
         self.log_tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
         self._bridge = bridge
@@ -168,8 +173,16 @@ class WorkerProcess:
         finally:
             exited.cancel()
 
+    def heartbeat(self, seq: int) -> None:
+        """Ask the worker's socket thread for a sign of life (answered off the generation
+        thread, so a long decode does not look like a hang)."""
+        self._bridge.tell(self.identity, Heartbeat(seq))
+
     def _on_message(self, msg: Upstream) -> None:
-        if isinstance(msg, Hello) and self._hello and not self._hello.done():
+        self.last_seen = asyncio.get_running_loop().time()
+        if isinstance(msg, WorkerStatus):
+            self.status = msg
+        elif isinstance(msg, Hello) and self._hello and not self._hello.done():
             self._hello.set_result(msg)
         elif isinstance(msg, LoadProgress | DownloadProgress):
             if isinstance(msg, DownloadProgress) and self._deadline is not None and self._load_timeout:
@@ -197,15 +210,25 @@ class WorkerProcess:
         for raw in lines:
             line = raw.decode("utf-8", errors="replace").rstrip()
             if line:
-                self.log_tail.append(line)
-                log.info("[%s] %s", self.config.name, line)
+                self._relay(line)
+
+    def _relay(self, line: str) -> None:
+        """Log a worker's line again, as `[model] message`, under the logger and at the level
+        the worker used (protocol.loglines); other output (a print, C code writing to fd 2)
+        at info."""
+        level, name, message = loglines.parse(line)
+        if not message.strip():
+            return
+        self.log_tail.append(message)
+        logging.getLogger(name or "modelherd.worker").log(
+            logging.INFO if level is None else level, "[%s] %s", self.config.name, message)
 
     def _close_log(self) -> None:
         if self._log_conn is None:
             return
         asyncio.get_running_loop().remove_reader(self._log_conn.fileno())
         if self._log_buf.strip():
-            self.log_tail.append(self._log_buf.decode("utf-8", errors="replace"))
+            self._relay(self._log_buf.decode("utf-8", errors="replace").rstrip())
         self._log_conn.close()
         self._log_conn = None
 

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import settings
 
 from tests.daemon import Daemon
+from tests.realmodels import smollm2_gguf  # noqa: F401  (a fixture: SmolLM2-135M-Instruct)
 from tests.tinymodels import write_tiny_gguf, write_tiny_mlx
 
 # A loaded CI machine must not turn a slow example into a failure.

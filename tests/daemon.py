@@ -24,12 +24,14 @@ NO_EOS = {"0": -100, "2": -100}
 REPO = Path(__file__).resolve().parent.parent
 
 
-# Set by systemd; they would take precedence over the test's XDG dirs.
-_SCRUBBED = ("RUNTIME_DIRECTORY", "STATE_DIRECTORY", "CACHE_DIRECTORY")
+# Set by systemd; they would take precedence over the test's XDG dirs, or have the daemon
+# talk to the service manager of whatever runs the tests.
+_SCRUBBED = ("RUNTIME_DIRECTORY", "STATE_DIRECTORY", "CACHE_DIRECTORY", "CREDENTIALS_DIRECTORY",
+             "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM")
 
 
 class Daemon:
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None, journal: bool = False) -> None:
         # Port 0: the kernel picks a free port at bind time (no window for another
         # process to take it); the real one is read from uvicorn's startup line.
         self.port = 0
@@ -37,6 +39,8 @@ class Daemon:
         self.args = ["serve", "--host", "127.0.0.1", "--port", "0", *args]
         base = {k: v for k, v in os.environ.items() if k not in _SCRUBBED}
         self.env = {**base, **(env or {})}
+        # Output to a pipe that JOURNAL_STREAM names, as systemd names the journal's stream.
+        self.journal = journal
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self.proc: subprocess.Popen[str] | None = None
@@ -45,10 +49,18 @@ class Daemon:
     # ---- lifecycle -----------------------------------------------------------
 
     def start(self, timeout: float = 60) -> Daemon:
+        env, out = self.env, subprocess.PIPE
+        if self.journal:
+            read_end, out = os.pipe()
+            st = os.fstat(out)
+            env = {**env, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "router", *self.args], cwd=REPO, env=self.env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+            [sys.executable, "-m", "router", *self.args], cwd=REPO, env=env,
+            stdout=out, stderr=subprocess.STDOUT, text=True, bufsize=1,
         )
+        if self.journal:
+            os.close(out)
+            self.proc.stdout = open(read_end, encoding="utf-8", errors="replace")
         self._reader = threading.Thread(target=self._read, name="daemon-log", daemon=True)
         self._reader.start()
         try:

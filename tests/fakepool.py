@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from protocol.errors import ErrorKind
-from protocol.messages import DownloadProgress, LoadProgress, ModelInfo, WorkerConfig
+from protocol.messages import DownloadProgress, LoadProgress, ModelInfo, WorkerConfig, WorkerStatus
 from router.admission import MIB, Estimate
 from router.catalog import Catalog, ModelEntry, Policy
 from router.pool import ModelView, Pool, PoolError, ProgressFn, WorkerHandle
@@ -38,6 +38,9 @@ class FakeWorker:
         self.rss = rss
         self.mapped = rss // 2  # of its RSS, the weights: file pages the kernel calls available
         self.stops: list[float] = []  # the grace of every stop asked for
+        self.status: WorkerStatus | None = None
+        self.last_seen = 0.0  # never heard from: never judged hung
+        self.heartbeats: list[int] = []
         self.load_timeouts: list[float] = []
         self.ready: asyncio.Future[ModelInfo] = asyncio.get_running_loop().create_future()
         self.stop_gate: asyncio.Future[None] | None = None
@@ -77,6 +80,9 @@ class FakeWorker:
         if self.stop_gate is not None:
             await self.stop_gate
         self._exit(0)
+
+    def heartbeat(self, seq: int) -> None:
+        self.heartbeats.append(seq)
 
     def crash(self, code: int = -9) -> None:
         self._exit(code)

@@ -11,7 +11,8 @@ import gguf
 import psutil
 import pytest
 
-from protocol.messages import WorkerConfig
+from protocol.messages import DEFAULT_CACHE_RAM_MB, DEFAULT_PARALLEL, WorkerConfig
+from router.admission import MIB
 from router.footprint import WORKER_OVERHEAD, SystemMemory, estimate, read_gguf_numbers
 from tests.tinymodels import TinyShape
 
@@ -32,15 +33,20 @@ def test_header_reader_agrees_with_the_gguf_package(models_dir: Path) -> None:
 
 def test_estimate_is_weights_plus_kv_cache_plus_process(models_dir: Path) -> None:
     path = models_dir / "tiny-a.gguf"
-    est = estimate(WorkerConfig("a", str(path), n_ctx=1024))
+    one_slot = {"parallel": 1}
+    est = estimate(WorkerConfig("a", str(path), n_ctx=1024, options=one_slot))
     kv_f16 = SHAPE.n_layer * 1024 * SHAPE.n_head_kv * 2 * HEAD_DIM * 2
-    assert (est.weights, est.kv_cache, est.overhead) == (
-        path.stat().st_size, kv_f16, WORKER_OVERHEAD["llama_cpp"])
+    assert (est.weights, est.kv_cache, est.overhead, est.prompt_cache) == (
+        path.stat().st_size, kv_f16, WORKER_OVERHEAD["llama_cpp"], DEFAULT_CACHE_RAM_MB * MIB)
+    # Every slot has its n_ctx of KV cache; the RAM cache's bound counts as configured.
+    four = estimate(WorkerConfig("a", str(path), n_ctx=1024, options={"parallel": 4, "cache_ram_mb": 10}))
+    assert (four.kv_cache, four.prompt_cache) == (4 * kv_f16, 10 * MIB)
+    assert four.total == four.weights + four.kv_cache + four.overhead + four.prompt_cache
     # n_ctx 0 is the trained context (capped), as the worker loads it.
-    auto = estimate(WorkerConfig("a", str(path)))
+    auto = estimate(WorkerConfig("a", str(path), options=one_slot))
     assert auto.kv_cache == kv_f16 * SHAPE.n_ctx_train // 1024
     # A q8_0 cache (ggml type 8) takes 34 bytes per 32 elements instead of 64.
-    q8 = estimate(WorkerConfig("a", str(path), n_ctx=1024, options={"type_k": 8, "type_v": 8}))
+    q8 = estimate(WorkerConfig("a", str(path), n_ctx=1024, options={"type_k": 8, "type_v": 8, **one_slot}))
     assert q8.kv_cache == kv_f16 * 34 // 64
 
 
@@ -54,16 +60,15 @@ def test_split_models_and_projectors_count_every_file(models_dir: Path, tmp_path
     assert est.weights == 3 * src.stat().st_size + 1000
 
 
-def test_an_mlx_folder_counts_its_safetensors_and_a_kv_cache_per_prompt_cache(models_dir: Path) -> None:
+def test_an_mlx_folder_counts_its_safetensors_and_a_kv_cache_per_slot(models_dir: Path) -> None:
     folder = models_dir / "tiny-mlx"
     est = estimate(WorkerConfig("m", str(folder), backend="mlx", n_ctx=1024))
     kv_f32 = SHAPE.n_layer * 1024 * SHAPE.n_head_kv * HEAD_DIM * 2 * 4  # the tiny folder is float32
-    # Four kept prompt caches, and the one a running request uses.
-    assert (est.weights, est.kv_cache, est.overhead) == (
-        (folder / "model.safetensors").stat().st_size, 5 * kv_f32, WORKER_OVERHEAD["mlx"])
-    fewer = estimate(WorkerConfig("m", str(folder), backend="mlx", n_ctx=1024,
-                                  options={"prompt_cache_slots": 1}))
-    assert fewer.kv_cache == 2 * kv_f32
+    assert (est.weights, est.kv_cache, est.overhead, est.prompt_cache) == (
+        (folder / "model.safetensors").stat().st_size, DEFAULT_PARALLEL * kv_f32, WORKER_OVERHEAD["mlx"],
+        DEFAULT_CACHE_RAM_MB * MIB)
+    fewer = estimate(WorkerConfig("m", str(folder), backend="mlx", n_ctx=1024, options={"parallel": 1}))
+    assert fewer.kv_cache == kv_f32
 
 
 @pytest.mark.parametrize(("text", "nested", "per_token"), [
@@ -80,8 +85,8 @@ def test_the_mlx_estimate_reads_what_config_json_says(tmp_path: Path, text: dict
     def estimate_with(n_ctx: int, **more: object) -> int:
         fields = {**text, **more}
         (tmp_path / "config.json").write_text(json.dumps({"text_config": fields} if nested else fields))
-        one_slot = {"prompt_cache_slots": 1}  # and the running request's: two caches
-        config = WorkerConfig("m", str(tmp_path), backend="mlx", n_ctx=n_ctx, options=one_slot)
+        two_slots = {"parallel": 2}
+        config = WorkerConfig("m", str(tmp_path), backend="mlx", n_ctx=n_ctx, options=two_slots)
         return estimate(config).kv_cache
 
     assert estimate_with(100) == 2 * 100 * per_token

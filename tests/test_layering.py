@@ -13,7 +13,8 @@ ALLOWED = {
     "protocol": {"protocol", "msgspec"},
     "worker": {"protocol", "worker", "zmq", "msgspec", "llama_cpp", "jinja2", "mlx", "mlx_lm", "numpy"},
     "router": {"protocol", "router", "zmq", "msgspec", "starlette", "uvicorn", "uvloop", "psutil",
-               "multiprocess"},
+               "multiprocess", "prometheus_client",
+               "httpx", "rich"},  # the client commands only (router.client, router.clientcli)
 }
 
 

@@ -68,8 +68,10 @@ def test_a_subscriber_gets_a_snapshot_then_each_load_as_it_happens(feed_daemon: 
         assert c.post("/models/load", json={"model": model}).status_code == 200
         seen = until(feed, model, "loaded")
         assert seen[0] == {"model": model, "event": "status_change", "data": {"status": "loading"}}
-        progress = [e["data"] for e in seen if e["event"] == "load_progress"]
-        values = [p["value"] for p in progress]
+        # llama-server's shape: load progress inside status_change, as its web UI reads it.
+        progress = [e["data"] for e in seen if e["event"] == "status_change" and "progress" in e["data"]]
+        assert all(p["progress"]["stages"] == ["text_model"] for p in progress)
+        values = [p["progress"]["value"] for p in progress]
         assert values[0] == 0.0 and values[-1] == 1.0 and values == sorted(values)
         assert len(values) == len(set(values))  # no repeats
         # Stages in order (a tiny load is quicker than the throttle: some go unseen).
@@ -79,7 +81,8 @@ def test_a_subscriber_gets_a_snapshot_then_each_load_as_it_happens(feed_daemon: 
         assert stages == [s for s in order if s in stages]
 
         assert c.post("/models/unload", json={"model": model}).status_code == 200
-        assert [e["data"]["status"] for e in until(feed, model, "unloaded")] == ["unloading", "unloaded"]
+        statuses = [e["data"]["status"] for e in until(feed, model, "unloaded")]
+        assert statuses == ["unloading", "unloaded"]
 
 
 def test_a_failed_load_says_why_and_idle_feeds_are_kept_alive(feed_daemon: Daemon) -> None:

@@ -213,7 +213,8 @@ def test_models_listing(daemon: Daemon) -> None:
     assert {"tiny-a", "tiny-b", "org/tiny-long"} <= ids
     daemon.load("tiny-a")
     entry = daemon.models()["tiny-a"]
-    assert entry["status"] == {"value": "loaded", "failed": False}
+    assert entry["status"] == {"value": "loaded", "failed": False, "args": []}  # llama-server's keys
+    assert entry["aliases"] == [] and entry["tags"] == []
     assert entry["backend"] == "llama_cpp"
     assert str(entry["source"]).endswith("tiny-a.gguf")
     meta = entry["meta"]

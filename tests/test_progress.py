@@ -115,14 +115,16 @@ def test_progress_is_throttled_but_the_first_and_the_last_go_out(
     for i in range(10):  # ten reports within 45 ms
         a.report(LoadProgress("load", i / 20))
         timers.advance(0.005)
-    values = [e["data"]["value"] for e in drain(sub) if e["event"] == "load_progress"]
+    values = [e["data"]["progress"]["value"] for e in drain(sub) if "progress" in e["data"]]
     assert values == [0.0]  # the first at once, the rest held back
     timers.advance(0.1)  # the interval ends: the latest held back goes out
-    assert [e["data"]["value"] for e in drain(sub)] == [0.45]
+    assert [e["data"]["progress"]["value"] for e in drain(sub)] == [0.45]
     a.report(LoadProgress("load", 0.5))  # within the next interval: held
     a.set(ModelStatus.LOADED)  # ... and sent before the change
+    # llama-server's shape: load progress inside status_change (its web UI reads it there).
     assert [(e["event"], e["data"]) for e in drain(sub)] == [
-        ("load_progress", {"stage": "load", "value": 0.5}),
+        ("status_change", {"status": "loading", "progress": {
+            "value": 0.5, "current": "text_model", "stages": ["text_model"]}, "stage": "load", "value": 0.5}),
         ("status_change", {"status": "loaded"})]
     timers.advance(1)
     assert asyncio.run(sub.take(0)) is None  # the cancelled timer sent nothing twice
@@ -135,9 +137,9 @@ def test_a_final_value_is_not_held_and_repeats_are_dropped(
     a.report(LoadProgress("load", 0.0))
     a.report(LoadProgress("load", 1.0))  # within the interval, but final
     a.report(LoadProgress("load", 1.0))  # llama.cpp's 1.0, then the backend's
-    assert [e["data"]["value"] for e in drain(sub)] == [0.0, 1.0]
+    assert [e["data"]["progress"]["value"] for e in drain(sub)] == [0.0, 1.0]
     # Each model is throttled on its own.
-    events.progress("b", "load_progress", FeedState(status="x"))
+    events.progress("b", "status_change", FeedState(status="x"))
     assert [e["model"] for e in drain(sub)] == ["b"]
 
 
@@ -188,7 +190,12 @@ def test_a_download_is_a_status_of_its_own_with_its_events(
         ("a", "status_change", "loading"), ("b", "status_change", "loading"),
         ("a", "status_change", "downloading"), ("a", "download_progress", 0),
         ("a", "download_progress", 100), ("a", "download_finished", None), ("a", "status_change", "loading"),
-        ("a", "load_progress", None)]
+        ("a", "status_change", "loading")]  # the load's progress
+    sub = events.subscribe()
+    timers.advance(0.2)
+    a.report(DownloadProgress("m2.gguf", 7, 9, 1.0, 2.0))
+    progress = [e["data"] for e in drain(sub) if e["event"] == "download_progress"]
+    assert progress[0]["progress"] == {"m2.gguf": {"done": 7, "total": 9}}  # llama-server's key
     b.report(DownloadProgress("n.gguf", 5, 100, 5.0, 19.0))
     b.set(ModelStatus.FAILED, Failure("HTTP 404", 3))
     assert got() == [("b", "status_change", "downloading"), ("b", "download_progress", 5),

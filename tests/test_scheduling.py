@@ -18,6 +18,7 @@ import httpx
 import psutil
 import pytest
 
+from protocol.messages import DEFAULT_CACHE_RAM_MB, DEFAULT_PARALLEL
 from tests.daemon import Daemon, freeze_mid_stream, read_to_end
 
 MIB = 1024 * 1024
@@ -172,10 +173,14 @@ def test_memory_admission_refuses_what_cannot_fit(tmp_path: Path, models_dir: Pa
         message = r.json()["error"]["message"]
         assert "does not fit in memory: it needs about" in message
         weights = (models_dir / "tiny-a.gguf").stat().st_size
-        kv = 2 * 1024 * 2 * (16 + 16) * 2  # layers x n_ctx x KV heads x (K + V head dims) x f16
-        assert f"weights {weights / MIB:.1f} MiB, KV cache {kv / MIB:.1f} MiB, process 64 MiB" in message
+        # Every slot's KV cache: slots x layers x n_ctx x KV heads x (K + V head dims) x f16.
+        kv = DEFAULT_PARALLEL * 2 * 1024 * 2 * (16 + 16) * 2
+        cache = DEFAULT_CACHE_RAM_MB * MIB  # the host-RAM prompt cache's bound
+        assert (f"weights {weights / MIB:.1f} MiB, KV cache {kv / MIB:.1f} MiB, prompt cache up to "
+                f"{cache // MIB} MiB, process 64 MiB") in message
         assert "memory_margin_mb keeps 100000000 MiB free" in message
-        assert d.models()["tiny-a"]["memory"]["estimate"] == weights + kv + 64 * MIB  # type: ignore[index]
+        estimate = d.models()["tiny-a"]["memory"]["estimate"]  # type: ignore[index]
+        assert estimate == weights + kv + cache + 64 * MIB
         assert d.workers() == []  # refused before any process started
 
 

@@ -3,13 +3,13 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.stops import split_at_stop
+from worker.choice import split_at_stop
 
 
 def feed(pieces: list[str], stops: list[str]) -> tuple[str, bool]:
     out, pending = "", ""
     for piece in pieces:
-        text, pending, hit = split_at_stop(pending + piece, stops)
+        text, pending, hit = split_at_stop(pending + piece, tuple(stops))
         out += text
         if hit:
             return out, True

@@ -1,56 +1,103 @@
 """The interface every inference backend implements, and the values it trades in.
 
-The engine and the renderer only see these types; which library does the
-work (llama-cpp-python or mlx-lm) is the backend's business. A backend that
-cannot do something a request asks for (embeddings, grammars) raises
-`RequestInvalid` with `ErrorKind.UNSUPPORTED`, naming the feature.
+A backend loads one model and offers two things: its tokenizer and templates (turning
+a task into prompt tokens, tokens back into text), and a `Batcher`: the slots that
+decode several sequences together. The engine (worker.engine) drives both and never
+knows which library does the work. A backend that cannot do something a request asks
+for (embeddings, grammars) raises `RequestInvalid` with `ErrorKind.UNSUPPORTED`.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from protocol.messages import ModelInfo, WorkerConfig
+from worker.task import Sampling, Task
 
 # Called with (stage, value in 0..1); returning False asks the backend to abort the load.
 ProgressFn = Callable[[str, float], bool]
 
 
 @dataclass(frozen=True)
-class GenParams:
-    """Sampling settings, already validated and defaulted."""
+class Prompt:
+    """A task's prompt, as the model will read it."""
 
-    max_tokens: int | None = None
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repeat_penalty: float = 1.0
-    logit_bias: dict[int, float] = field(default_factory=dict)
-    grammar: str | None = None
-    json_schema: dict[str, Any] | None = None
-    json_object: bool = False
+    tokens: tuple[int, ...]
+    text: str = ""  # the rendered template, when it came from one
+    stop: tuple[str, ...] = ()  # stop strings the chat format implies
+    thinking_started: bool = False  # the template opened <think> itself: output starts inside it
 
 
 @dataclass(frozen=True)
-class Finish:
-    """Last item of every generation: why it stopped and what it cost."""
+class LazyGrammar:
+    """A grammar applied only once the output matches one of `patterns` (regexes) or
+    produces one of `tokens`: a tool call may start anywhere, or never."""
 
-    reason: str  # "stop" | "length"
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int = 0  # prompt tokens whose KV cache was reused from an earlier request
+    patterns: tuple[str, ...] = ()
+    tokens: tuple[int, ...] = ()
 
 
-# A generation yields text pieces (one per sampled token, UTF-8 permitting) then a Finish.
-Generation = Generator["str | Finish", None, None]
+@dataclass(frozen=True)
+class SeqSpec:
+    """What a request asks of the slots: a prompt, how to sample, how many choices."""
+
+    prompt: tuple[int, ...]
+    sampling: Sampling = field(default_factory=Sampling)
+    max_tokens: int = 16  # tokens each choice may generate (within the slot's context)
+    n: int = 1
+    logprobs: int | None = None  # None: no log-probabilities; k: the sampled token's and k more
+    grammar: str | None = None  # GBNF
+    lazy: LazyGrammar | None = None
+    conversation: str | None = None
+    cache_prompt: bool = True
+
+
+@dataclass(frozen=True)
+class TokenProbs:
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token, logprob), most likely first
+
+
+@dataclass(frozen=True)
+class Sampled:
+    handle: int
+    token: int
+    probs: TokenProbs | None = None
+
+
+@dataclass
+class SeqStats:
+    """How a sequence's prompt was read, for usage and timings."""
+
+    cached: int = 0  # prompt tokens taken from a slot or the RAM cache
+    evaluated: int = 0
+    restored: bool = False  # the cached part came from the RAM cache
+    admitted_at: float = 0.0  # perf_counter seconds
+    prompt_done_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class SlotInfo:
+    id: int
+    n_ctx: int
+    is_processing: bool
+    n_tokens: int  # tokens its cache holds
+    conversation: str | None
+    handle: int | None
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """The host-RAM prompt cache of idle conversations."""
+
+    entries: int
+    bytes: int
+    max_bytes: int
+    hits: int
+    misses: int
 
 
 @dataclass(frozen=True)
@@ -59,19 +106,48 @@ class Embeddings:
     prompt_tokens: int
 
 
+class TokenDecoder(Protocol):
+    """Turns one sequence's tokens into text as they come (a character may span tokens)."""
+
+    def add(self, token: int) -> str: ...
+    def flush(self) -> str: ...
+
+
+class Batcher(Protocol):
+    """Slots decoding several sequences at once (continuous batching)."""
+
+    @property
+    def parallel(self) -> int: ...
+    @property
+    def free(self) -> int: ...
+    @property
+    def busy(self) -> bool: ...
+    def admit(self, spec: SeqSpec) -> list[int]: ...
+    def step(self, paused: AbstractSet[int] = frozenset()) -> list[Sampled]: ...
+    def release(self, handle: int) -> None: ...
+    def stats(self, handle: int) -> SeqStats: ...
+    def info(self) -> list[SlotInfo]: ...
+    def cache_info(self) -> CacheInfo: ...
+
+
 class Backend(Protocol):
     """Called from two threads: `load` and `close` on the worker's socket thread, the
-    rest on the engine thread, one call at a time. `cancel` is checked between tokens."""
+    rest on the engine thread, one call at a time."""
+
+    supports_grammar: bool  # whether SeqSpec.grammar can be applied (llama.cpp: yes; mlx-lm: no)
 
     def load(self, config: WorkerConfig, progress: ProgressFn) -> ModelInfo: ...
-
-    def chat(self, messages: list[dict[str, str]], params: GenParams,
-             cancel: threading.Event) -> Generation: ...
-
-    def complete(self, prompt: str, params: GenParams, cancel: threading.Event) -> Generation: ...
-
-    def embed(self, inputs: list[str]) -> Embeddings: ...
-
-    def tokenize(self, text: str) -> list[int]: ...
-
+    @property
+    def batcher(self) -> Batcher: ...
+    @property
+    def n_ctx(self) -> int: ...
+    def chat_prompt(self, task: Task) -> Prompt: ...
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]: ...
+    def detokenize(self, tokens: Sequence[int]) -> str: ...
+    def piece(self, token: int) -> bytes: ...
+    def token_text(self, token: int) -> str: ...
+    def decoder(self) -> TokenDecoder: ...
+    def special_tokens(self) -> dict[str, int]: ...
+    def is_end(self, token: int) -> bool: ...
+    def embed(self, inputs: Sequence[Sequence[int]], normalize: int) -> Embeddings: ...
     def close(self) -> None: ...

@@ -1,10 +1,14 @@
-"""The generation thread: runs requests one at a time, off the socket thread.
+"""The engine thread: every request of this worker, from its body to its last byte.
 
-The socket thread calls `submit` and `cancel`; both only touch a queue and a
-per-request `threading.Event`, so they never wait on generation. The engine
-thread sends responses on its own DEALER socket (`Sink`) straight to the
-router, whose reader dispatches them by request id: no second thread touches a
-token on its way out, and each zmq socket is used only by the thread that made it.
+The socket thread calls `submit`, `cancel` and `detach`; they only touch a queue and
+per-request flags, so they never wait on generation. The engine thread takes each new
+request, prepares it (worker.endpoints: a 400 is known before any slot is taken),
+answers at once what needs no slot, and admits generations to the backend's slots in
+arrival order as slots free up. Then, one decode step at a time, it turns each sampled
+token into text, its choice's output pieces and its API's bytes, sent on the engine's
+own DEALER (`Sink`) straight to the router: no second thread touches a token, and each
+zmq socket is used only by the thread that made it. A cancel or a detach takes effect
+before the next step.
 """
 
 from __future__ import annotations
@@ -13,120 +17,49 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from itertools import chain
+from collections.abc import Callable, Sequence
 
-import zmq
-
-from protocol.codec import WorkerCodec
-from protocol.errors import ErrorKind, sse_error_event
-from protocol.messages import BodyChunk, Endpoint, ResponseEnd, ResponseError, ResponseHead, Upstream
-from worker import render
-from worker.backend import Backend, Finish, GenParams
-from worker.schema import (
-    ChatRequest,
-    CompletionRequest,
-    EmbeddingRequest,
-    RequestInvalid,
-    message_text,
-    parse,
+from protocol.errors import ErrorKind
+from protocol.messages import (
+    Endpoint,
+    ResponseStored,
+    StoredTurn,
+    WorkerStatus,
 )
-from worker.streams import Stream, StreamStore
+from worker.backend import Backend, Sampled
+from worker.choice import Choice
+from worker.endpoints import Endpoints, Immediate, SeqProgress
+from worker.outputs import Finish, Timings, Usage
+from worker.reply import Job, Reply, Sink
+from worker.schema import RequestInvalid
+from worker.streams import StreamStore
 
 log = logging.getLogger("modelherd.worker.engine")
 
-SSE = "text/event-stream"
-FLUSH_INTERVAL_S = 0.001
-JSON = "application/json"
-# OpenAI's seed is any integer; both backends take 32 bits, and llama.cpp reads 0xFFFFFFFF
-# as "pick a random seed", so seeds are taken modulo 2**32 - 1.
-SEED_RANGE = 2**32 - 1
-
-
-class Sink:
-    """The engine thread's own DEALER to the router, for response frames only."""
-
-    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, identity: str) -> None:
-        self._sock = ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.ROUTING_ID, identity.encode())
-        self._sock.setsockopt(zmq.LINGER, 2000)  # let the last frames out on shutdown
-        self._sock.connect(endpoint)
-        self._codec = WorkerCodec()
-
-    def send(self, msg: Upstream, payload: bytes | None = None) -> None:
-        self._sock.send_multipart(self._codec.encode(msg, payload), copy=False)
-
-    def close(self) -> None:
-        self._sock.close()
-
-
-@dataclass(eq=False)
-class Job:
-    req_id: int
-    endpoint: Endpoint
-    body: bytes
-    cancel: threading.Event
-    stream: Stream | None = None  # a resumable request: its bytes are kept
-    detached: bool = False  # its client left; the generation goes on for the stream
-    stop_reason: str | None = None  # why it was stopped, when not by its own client
-
-
-class _Reply:
-    """Tracks whether the head went out, so a failure is reported the right way.
-    Every body byte of a resumable request also goes to its stream."""
-
-    def __init__(self, sink: Sink, job: Job, store: StreamStore) -> None:
-        self.sink = sink
-        self.req_id = job.req_id
-        self.job = job
-        self.store = store
-        self.content_type: str | None = None
-
-    def head(self, status: int, content_type: str) -> None:
-        self.content_type = content_type
-        self.sink.send(ResponseHead(self.req_id, status, content_type))
-
-    def chunk(self, data: bytes) -> None:
-        if self.job.stream is not None:
-            self.store.append(self.job.stream, data)
-        if not self.job.detached:
-            self.sink.send(BodyChunk(self.req_id), data)
-
-    def end(self) -> None:
-        stream = self.job.stream
-        if stream is not None:
-            if self.content_type == SSE:
-                self.store.finish(stream)
-            else:
-                self.store.discard(stream)
-        self.sink.send(ResponseEnd(self.req_id))  # even when detached: the router holds a lease
-
-    def fail(self, kind: ErrorKind, message: str, param: str | None = None) -> None:
-        if self.content_type is None:
-            if self.job.stream is not None:
-                self.store.discard(self.job.stream)
-            self.sink.send(ResponseError(self.req_id, kind, message, param))
-            return
-        if self.content_type == SSE:
-            self.chunk(sse_error_event(kind, message))
-        self.end()
-
 
 class Engine:
-    def __init__(self, backend: Backend, model_name: str, n_vocab: int,
-                 sink_factory: Callable[[], Sink], streams: StreamStore) -> None:
+    def __init__(self, backend: Backend, endpoints: Endpoints, sink_factory: Callable[[], Sink],
+                 streams: StreamStore) -> None:
         self._backend = backend
-        self._model = model_name
-        self._n_vocab = n_vocab
+        self._endpoints = endpoints
         self._sink_factory = sink_factory
         self._streams = streams
-        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self._pending: dict[int, Job] = {}
+        self._jobs: queue.SimpleQueue[Job | _Wake | None] = queue.SimpleQueue()
+        self._pending: dict[int, Job] = {}  # every job not finished, by request id
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._stopping = False  # cancels from here on are the worker's, not the client's
+        self._waiting: list[Job] = []  # prepared, waiting for free slots (arrival order)
+        self._running: dict[int, Choice] = {}  # by slot handle
+        self._jobs_by_handle: dict[int, Job] = {}
+        self._replies: dict[int, Reply] = {}
+        self._sink: Sink | None = None
         self.active = 0
+        # Counters for the router's metrics (read from the socket thread: plain ints).
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+        self.generated_tokens = 0
+        self.finished = 0
 
     @property
     def pending(self) -> int:
@@ -144,7 +77,7 @@ class Engine:
 
     def stop(self, timeout: float) -> bool:
         """Cancel everything and wait for the thread; False if it is still busy (it may be
-        inside a prompt evaluation, which cannot be interrupted)."""
+        inside a decode, which cannot be interrupted)."""
         self._stopping = True
         with self._lock:
             for job in self._pending.values():
@@ -153,8 +86,21 @@ class Engine:
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
-    def submit(self, req_id: int, endpoint: Endpoint, body: bytes, stream_key: str | None = None) -> None:
-        job = Job(req_id, endpoint, body, threading.Event())
+    def status(self) -> WorkerStatus:
+        """What the engine is doing, for a Heartbeat's answer (read off the engine thread:
+        every figure is a plain int, read once)."""
+        batcher = self._backend.batcher
+        cache = batcher.cache_info()
+        active = self.active
+        return WorkerStatus(active, max(0, self.pending - active), batcher.parallel - batcher.free,
+                            batcher.parallel, cache.entries, cache.bytes, cache.hits, cache.misses,
+                            self.prompt_tokens, self.cached_tokens, self.generated_tokens, self.finished)
+
+    # ---- the socket thread ----------------------------------------------------------
+
+    def submit(self, req_id: int, endpoint: Endpoint, body: bytes, stream_key: str | None = None,
+               history: Sequence[StoredTurn] = (), window: int = 0) -> None:
+        job = Job(req_id, endpoint, body, threading.Event(), history, stream_key, window=window)
         if stream_key is not None:
             # Opened now, not when generation starts: a DELETE while this waits in the
             # queue must find it (and a newer request for the key replaces it).
@@ -178,168 +124,320 @@ class Engine:
             job = self._pending.get(req_id)
         if job is not None:
             job.detached = True
+            self._jobs.put(_WAKE)  # what it held back for the client goes, and it runs on
             log.info("request %d: its client left; generating on into its conversation stream", req_id)
 
-    # ---- engine thread -----------------------------------------------------
+    def credit(self, req_id: int, amount: int) -> None:
+        """The router wrote `amount` more bytes of the request to its client."""
+        with self._lock:
+            job = self._pending.get(req_id)
+            if job is not None:
+                job.credits += amount
+        if job is not None:
+            self._jobs.put(_WAKE)
+
+    # ---- the engine thread ----------------------------------------------------------
 
     def _run(self) -> None:
-        sink = self._sink_factory()
+        self._sink = self._sink_factory()
         try:
-            while (job := self._jobs.get()) is not None:
-                self.active = 1
-                try:
-                    self._serve(sink, job)
-                finally:
-                    self.active = 0
-                    with self._lock:
-                        self._pending.pop(job.req_id, None)
+            while self._take_jobs():
+                self._take_credits()
+                self._admit()
+                self._reap_cancelled()
+                if self._steppable():
+                    self._step()
         finally:
-            sink.close()
+            self._sink.close()
 
-    def _serve(self, sink: Sink, job: Job) -> None:
-        reply = _Reply(sink, job, self._streams)
+    def _take_jobs(self) -> bool:
+        """Prepare what arrived; block for work only when nothing can step or be admitted
+        (every running request waits for its client, or nothing runs)."""
+        waiting = bool(self._waiting) and self._backend.batcher.free >= _slots_needed(self._waiting[0])
+        block = not self._steppable() and not waiting
+        while True:
+            try:
+                job = self._jobs.get(block=block)
+            except queue.Empty:
+                return True
+            if job is None:
+                self._abandon_all()
+                return False
+            if isinstance(job, Job):
+                self._prepare(job)
+            block = False
+
+    def _steppable(self) -> bool:
+        return any(not self._replies[j.req_id].blocked for j in self._jobs_by_handle.values())
+
+    def _take_credits(self) -> None:
+        with self._lock:
+            granted = [(j, j.credits) for j in self._pending.values()
+                       if j.credits or j.detached or (j.finished and j.cancel.is_set())]
+            for job, _ in granted:
+                job.credits = 0
+        for job, credit in granted:
+            reply = self._replies.get(job.req_id)
+            if reply is None:
+                continue
+            if job.finished and job.cancel.is_set():  # its client left while its end waited
+                reply.backlog.clear()
+            reply.grant(credit)
+            if job.finished and reply.end_held is None:  # its last byte went out
+                self._replies.pop(job.req_id, None)
+                self._forget(job)
+
+    def _prepare(self, job: Job) -> None:
+        assert self._sink is not None
+        reply = Reply(self._sink, job, self._streams)
         if job.cancel.is_set():
-            self._cancelled(reply, job, None)
+            self._cancelled(job, reply, None)
             return
         try:
-            if job.endpoint is Endpoint.EMBEDDING:
-                self._embed(reply, job)
-            else:
-                self._generate(reply, job)
+            if job.endpoint is Endpoint.SLOTS:
+                self._endpoints.running = self._progress()
+            prepared = self._endpoints.prepare(job.endpoint, job.body, job.stream_key, job.history)
         except RequestInvalid as exc:
-            reply.fail(exc.kind, exc.message, exc.param)
+            reply.fail(exc.kind, exc.message, exc.param, sizes=exc.sizes)
+            self._forget(job)
+            return
         except Exception as exc:  # a backend bug must not take the worker down
             log.exception("request %d failed", job.req_id)
-            reply.fail(ErrorKind.INTERNAL, f"generation failed: {type(exc).__name__}: {exc}")
-
-    def _generate(self, reply: _Reply, job: Job) -> None:
-        chat = job.endpoint is Endpoint.CHAT
-        req: ChatRequest | CompletionRequest
-        if chat:
-            req = creq = parse(job.body, ChatRequest)
-            params = self._params(creq)
-            messages = [{"role": m.role, "content": message_text(m)} for m in creq.messages]
-            gen = self._backend.chat(messages, params, job.cancel)
-        else:
-            req = preq = parse(job.body, CompletionRequest)
-            params = self._params(preq)
-            prompt = preq.prompt if isinstance(preq.prompt, str) else preq.prompt[0]
-            gen = self._backend.complete(prompt, params, job.cancel)
-        try:
-            first = next(gen)  # prompt errors (too long, bad grammar) surface here, before any head
-            items = chain([first], gen)
-            if req.stream:
-                usage = bool(req.stream_options and req.stream_options.include_usage)
-                self._stream(reply, job, render.StreamRenderer(self._model, chat, usage), items)
-            else:
-                self._collect(reply, job, chat, items)
-        finally:
-            gen.close()
-
-    def _stream(self, reply: _Reply, job: Job, renderer: render.StreamRenderer,
-                items: chain[str | Finish]) -> None:
-        reply.head(200, SSE)
-        lead = renderer.start()
-        # Tokens that come faster than one per FLUSH_INTERVAL_S leave in small batches:
-        # per-message cost, not bytes, is what a stream spends. The first token, and
-        # every token of a model slower than that, is sent the moment it exists.
-        pending: list[bytes] = []
-        last_flush = 0.0
-        for item in items:
-            if isinstance(item, Finish):
-                if job.cancel.is_set():
-                    self._cancelled(reply, job, item)
-                    return
-                pending.append(lead + renderer.finish(item))
-                reply.chunk(b"".join(pending))
-                break
-            if job.cancel.is_set():
-                continue
-            pending.append(lead + renderer.piece(item))
-            lead = b""
-            now = time.monotonic()
-            if now - last_flush >= FLUSH_INTERVAL_S:
-                reply.chunk(b"".join(pending) if len(pending) > 1 else pending[0])
-                pending.clear()
-                last_flush = now
-        reply.end()
-
-    def _collect(self, reply: _Reply, job: Job, chat: bool, items: chain[str | Finish]) -> None:
-        parts: list[str] = []
-        for item in items:
-            if not isinstance(item, Finish):
-                parts.append(item)
-                continue
-            if job.cancel.is_set():
-                self._cancelled(reply, job, item)
-                return
-            body = (render.chat_response if chat else render.completion_response)(
-                self._model, "".join(parts), item)
-            reply.head(200, JSON)
-            reply.chunk(body)
-            reply.end()
+            reply.fail(ErrorKind.INTERNAL, f"request failed: {type(exc).__name__}: {exc}")
+            self._forget(job)
             return
-        raise RuntimeError("backend generation ended without a Finish")
+        if isinstance(prepared, Immediate):
+            reply.head(prepared.status, prepared.content_type)
+            reply.chunk(prepared.body)
+            reply.end()
+            self._forget(job)
+            return
+        job.gen = prepared
+        self._replies[job.req_id] = reply
+        self._waiting.append(job)
 
-    def _cancelled(self, reply: _Reply, job: Job, finish: Finish | None) -> None:
-        tokens = finish.completion_tokens if finish else 0
+    def _admit(self) -> None:
+        """Give waiting generations their slots, first come first served."""
+        batcher = self._backend.batcher
+        while self._waiting and batcher.free >= _slots_needed(self._waiting[0]):
+            job = self._waiting.pop(0)
+            gen = job.gen
+            assert gen is not None
+            reply = self._replies[job.req_id]
+            if job.cancel.is_set():
+                self._cancelled(job, reply, None)
+                continue
+            if gen.spec.max_tokens <= 0:
+                self._finish_without_tokens(job, reply)
+                continue
+            try:
+                handles = batcher.admit(gen.spec)
+            except ValueError as exc:  # llama.cpp refused the grammar
+                param = "grammar" if gen.task.grammar is not None else "response_format"
+                reply.fail(ErrorKind.INVALID_REQUEST, f"invalid grammar: {exc}", param)
+                self._end(job)
+                continue
+            self.active += 1
+            stats = batcher.stats(handles[0])
+            reply.head(200, gen.renderer.content_type)
+            job.out.append(gen.renderer.start(len(gen.prompt.tokens), stats.cached))
+            backend = self._backend
+            for i, handle in enumerate(handles):
+                choice = Choice(i, handle, gen.parser(), gen.stops, backend.decoder(), backend.piece,
+                                backend.token_text,
+                                gen.task.logprobs is not None)
+                job.choices.append(choice)
+                self._running[handle] = choice
+                self._jobs_by_handle[handle] = job
+            self._flush(job)
+
+    def _paused(self) -> set[int]:
+        return {h for h, j in self._jobs_by_handle.items() if self._replies[j.req_id].blocked}
+
+    def _progress(self) -> dict[int, SeqProgress]:
+        paused = self._paused()
+        out = {}
+        for handle, choice in self._running.items():
+            gen = self._jobs_by_handle[handle].gen
+            assert gen is not None
+            out[handle] = SeqProgress(choice.count, gen.spec.max_tokens - choice.count, handle in paused)
+        return out
+
+    def _step(self) -> None:
+        # A request whose client reads slowly waits here: its bytes are held, its sequences skip
+        # this decode, and the others go on at full speed.
+        try:
+            sampled = self._backend.batcher.step(self._paused())
+        except Exception as exc:  # a failed decode ends what was in it, not the worker
+            log.exception("decode failed")
+            for job in {id(j): j for j in self._jobs_by_handle.values()}.values():
+                self._fail(job, ErrorKind.INTERNAL, f"generation failed: {exc}")
+            return
+        touched: dict[int, Job] = {}
+        for s in sampled:
+            owner = self._jobs_by_handle.get(s.handle)
+            if owner is None:
+                continue
+            self._token(owner, self._running[s.handle], s)
+            touched[owner.req_id] = owner
+        for job in touched.values():
+            self._flush(job)
+
+    def _token(self, job: Job, choice: Choice, s: Sampled) -> None:
+        gen = job.gen
+        assert gen is not None
+        if self._backend.is_end(s.token):
+            self._finish_choice(job, choice, "stop", None)
+            return
+        step = choice.token(s.token, s.probs)
+        renderer = gen.renderer
+        for d in step.deltas:
+            job.out.append(renderer.delta(choice.index, d))
+        if step.stop is not None:
+            self._finish_choice(job, choice, "stop", step.stop)
+        elif choice.count >= gen.spec.max_tokens:
+            self._finish_choice(job, choice, "length", None)
+
+    def _finish_choice(self, job: Job, choice: Choice, reason: str, stop: str | None) -> None:
+        gen = job.gen
+        assert gen is not None
+        batcher = self._backend.batcher
+        stats = batcher.stats(choice.handle)
+        batcher.release(choice.handle)
+        self._running.pop(choice.handle, None)
+        self._jobs_by_handle.pop(choice.handle, None)
+        for d in choice.end(stopped=stop is not None):
+            job.out.append(gen.renderer.delta(choice.index, d))
+        now = time.perf_counter()
+        done_at = stats.prompt_done_at or now
+        timings = Timings(stats.evaluated, (done_at - stats.admitted_at) * 1e3, choice.count,
+                          (now - done_at) * 1e3, stats.cached)
+        usage = Usage(len(gen.prompt.tokens), choice.count, stats.cached, choice.reasoning_tokens)
+        if choice.index == 0:
+            job.first_token_ms = (done_at - job.received) * 1e3
+            job.predicted_ms = timings.predicted_ms
+        self.generated_tokens += choice.count
+        if choice.index == 0:
+            self.prompt_tokens += stats.evaluated
+            self.cached_tokens += stats.cached
+        if reason == "stop" and choice.tool_calls:
+            reason = "tool_calls"
+        finish = Finish(reason, usage, timings, stop, choice.tool_calls)
+        job.out.append(gen.renderer.finish(choice.index, finish))
+        if all(c.done for c in job.choices):
+            self.finished += 1
+            job.out.append(gen.renderer.end())
+            self._flush(job)
+            stored = gen.stored()
+            if stored is not None:
+                assert self._sink is not None
+                self._sink.send(ResponseStored(job.req_id, gen.response_id, stored))
+            self._replies[job.req_id].end(len(gen.prompt.tokens), sum(c.count for c in job.choices))
+            self._end(job)
+
+    def _finish_without_tokens(self, job: Job, reply: Reply) -> None:
+        """max_tokens 0 (llama-server's "only evaluate the prompt"): an empty answer."""
+        gen = job.gen
+        assert gen is not None
+        reply.head(200, gen.renderer.content_type)
+        zero = Timings(0, 0.0, 0, 0.0, 0)
+        out = [gen.renderer.start(len(gen.prompt.tokens), 0)]
+        for i in range(gen.task.n):
+            out.append(gen.renderer.finish(i, Finish("length", Usage(len(gen.prompt.tokens), 0), zero)))
+        out.append(gen.renderer.end())
+        reply.chunk(b"".join(out))
+        reply.end()
+        self._forget(job)
+
+    def _flush(self, job: Job) -> None:
+        if job.out:
+            data = b"".join(job.out)
+            job.out.clear()
+            self._replies[job.req_id].chunk(data)
+
+    # ---- stopping requests ---------------------------------------------------------------
+
+    def _reap_cancelled(self) -> None:
+        for job in [j for j in self._waiting if j.cancel.is_set()]:
+            self._waiting.remove(job)
+            self._cancelled(job, self._replies[job.req_id], None)
+        for job in list({id(j): j for j in self._jobs_by_handle.values()}.values()):
+            if job.cancel.is_set():
+                self._release_all(job)
+                self._cancelled(job, self._replies[job.req_id], job)
+
+    def _cancelled(self, job: Job, reply: Reply, running: Job | None) -> None:
+        tokens = sum(c.count for c in job.choices)
         if self._stopping:
             # The worker is being stopped: the client did nothing wrong and may retry.
             log.info("request %d stopped by shutdown after %d tokens", job.req_id, tokens)
-            reply.fail(ErrorKind.UNAVAILABLE, "the model was unloaded while generating; retry")
+            self._fail(job, ErrorKind.UNAVAILABLE, "the model was unloaded while generating; retry", reply)
             return
         if job.stop_reason is not None:  # a DELETE, or a newer request for its conversation
             log.info("request %d stopped after %d tokens: %s", job.req_id, tokens, job.stop_reason)
-            reply.fail(ErrorKind.CANCELLED, f"request stopped: {job.stop_reason}")
+            self._fail(job, ErrorKind.CANCELLED, f"request stopped: {job.stop_reason}", reply)
             return
-        # The client went away. The backend stops within one token; tests read this line.
+        # The client went away. Generation stops within one token; tests read this line.
         log.info("request %d cancelled after %d tokens", job.req_id, tokens)
+        self._flush_if_replying(job)
+        reply.backlog.clear()  # nobody will read it
         reply.end()
+        self._end(job)
 
-    def _embed(self, reply: _Reply, job: Job) -> None:
-        req = parse(job.body, EmbeddingRequest)
-        inputs = [req.input] if isinstance(req.input, str) else req.input
-        result = self._backend.embed(inputs)
-        body = render.embeddings_response(self._model, result, req.encoding_format)
-        reply.head(200, JSON)
-        reply.chunk(body)
-        reply.end()
+    def _fail(self, job: Job, kind: ErrorKind, message: str, reply: Reply | None = None) -> None:
+        assert self._sink is not None
+        reply = reply or self._replies.get(job.req_id) or Reply(self._sink, job, self._streams)
+        self._release_all(job)
+        self._flush_if_replying(job)
+        event = job.gen.renderer.fail(kind, message) if job.gen is not None else None
+        reply.fail(kind, message, None, event)
+        self._end(job)
 
-    def _params(self, req: ChatRequest | CompletionRequest) -> GenParams:
-        max_tokens = req.max_tokens
-        json_schema = None
-        json_object = False
-        if isinstance(req, ChatRequest):
-            max_tokens = req.max_completion_tokens or max_tokens
-            fmt = req.response_format
-            if fmt is not None and fmt.type != "text":
-                if req.grammar is not None:
-                    raise RequestInvalid("use either grammar or response_format, not both",
-                                         param="grammar")
-                json_schema = fmt.json_schema.schema if fmt.json_schema else fmt.schema
-                json_object = json_schema is None
-        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        bias: dict[int, float] = {}
-        for key, value in (req.logit_bias or {}).items():
-            if not key.isdigit() or int(key) >= self._n_vocab:
-                raise RequestInvalid(
-                    f"logit_bias key {key!r} is not a token id of this model (0..{self._n_vocab - 1})",
-                    param="logit_bias")
-            bias[int(key)] = value
-        defaults = GenParams()
-        return GenParams(
-            max_tokens=max_tokens,
-            temperature=defaults.temperature if req.temperature is None else req.temperature,
-            top_p=defaults.top_p if req.top_p is None else req.top_p,
-            top_k=defaults.top_k if req.top_k is None else req.top_k,
-            min_p=defaults.min_p if req.min_p is None else req.min_p,
-            seed=None if req.seed is None else req.seed % SEED_RANGE,
-            stop=stop,
-            presence_penalty=req.presence_penalty or 0.0,
-            frequency_penalty=req.frequency_penalty or 0.0,
-            repeat_penalty=req.repeat_penalty or defaults.repeat_penalty,
-            logit_bias=bias,
-            grammar=req.grammar,
-            json_schema=json_schema,
-            json_object=json_object,
-        )
+    def _flush_if_replying(self, job: Job) -> None:
+        if job.req_id in self._replies:
+            self._flush(job)
+
+    def _release_all(self, job: Job) -> None:
+        batcher = self._backend.batcher
+        for choice in job.choices:
+            if not choice.done:
+                choice.done = True
+                batcher.release(choice.handle)
+            self._running.pop(choice.handle, None)
+            self._jobs_by_handle.pop(choice.handle, None)
+
+    def _abandon_all(self) -> None:
+        """The worker stops: everything still waiting or running ends now."""
+        for job in list(self._waiting):
+            self._waiting.remove(job)
+            self._cancelled(job, self._replies[job.req_id], None)
+        for job in list({id(j): j for j in self._jobs_by_handle.values()}.values()):
+            self._release_all(job)
+            self._cancelled(job, self._replies[job.req_id], job)
+
+    def _end(self, job: Job) -> None:
+        if job.choices and any(c.handle in self._running for c in job.choices):
+            self._release_all(job)
+        reply = self._replies.get(job.req_id)
+        if reply is not None and job.choices and not job.finished:
+            self.active -= 1
+        job.finished = True
+        if reply is not None and reply.end_held is not None:
+            return  # its last bytes wait for the client: forgotten once they went out
+        self._replies.pop(job.req_id, None)
+        self._forget(job)
+
+    def _forget(self, job: Job) -> None:
+        with self._lock:
+            self._pending.pop(job.req_id, None)
+
+
+def _slots_needed(job: Job) -> int:
+    return job.gen.spec.n if job.gen is not None else 1
+
+
+class _Wake:
+    """Put in the job queue to wake a blocked engine: a credit or a detach arrived."""
+
+
+_WAKE = _Wake()

@@ -21,6 +21,7 @@ from protocol.messages import (
     PROTOCOL_VERSION,
     Cancel,
     Configure,
+    Credit,
     Detach,
     Download,
     Heartbeat,
@@ -36,11 +37,12 @@ from protocol.messages import (
     StreamRead,
     StreamStates,
     Upstream,
-    WorkerStatus,
 )
 from worker.backends import make_backend
 from worker.download import relay
-from worker.engine import Engine, Sink
+from worker.endpoints import Endpoints
+from worker.engine import Engine
+from worker.reply import Sink
 from worker.streams import StreamStore
 
 log = logging.getLogger("modelherd.worker")
@@ -105,7 +107,8 @@ class Link:
         store = StreamStore(configure.streams)
         pump = threading.Thread(target=self._pump_streams, args=(store,), name="streams", daemon=True)
         pump.start()
-        engine = Engine(backend, config.name, info.n_vocab,
+        endpoints = Endpoints(backend, config, info, getattr(backend, "chat_template", None))
+        engine = Engine(backend, endpoints,
                         lambda: Sink(self._ctx, self._endpoint, self._worker_id + ":out"), store)
         engine.start()
         try:
@@ -182,7 +185,10 @@ class Link:
                 continue
             msg, payload = self._recv()
             if isinstance(msg, Request):
-                engine.submit(msg.req_id, msg.endpoint, payload, msg.stream_key)
+                engine.submit(msg.req_id, msg.endpoint, payload, msg.stream_key, msg.history, msg.window)
+            elif isinstance(msg, Credit):
+                engine.credit(msg.req_id, msg.bytes)
+                store.credit(msg.req_id, msg.bytes)
             elif isinstance(msg, Cancel):
                 engine.cancel(msg.req_id)
                 if (pos := store.detach(msg.req_id)) is not None:
@@ -190,7 +196,7 @@ class Link:
             elif isinstance(msg, Detach):
                 engine.detach(msg.req_id)
             elif isinstance(msg, StreamRead):
-                failure = store.attach(msg.req_id, msg.key, msg.offset)
+                failure = store.attach(msg.req_id, msg.key, msg.offset, msg.window)
                 if failure is not None:
                     self._send(ResponseError(msg.req_id, *failure))
                 else:
@@ -202,7 +208,7 @@ class Link:
                 self._send(StreamStates(msg.req_id, store.delete(msg.keys, msg.reason)))
             elif isinstance(msg, Heartbeat):
                 self._send(Heartbeat(msg.seq))
-                self._send(WorkerStatus(engine.active, engine.queued))
+                self._send(engine.status())
             elif isinstance(msg, Shutdown) and not draining:
                 log.info("shutdown requested (%s): finishing %d request(s) first",
                          msg.reason or "no reason given", engine.pending)

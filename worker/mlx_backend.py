@@ -1,59 +1,60 @@
 """mlx-lm backend: MLX model folders (config.json + *.safetensors + tokenizer files).
 
-mlx-lm builds the model and the tokenizer (its chat template too); we run its
-`generate_step` token loop ourselves, as for llama.cpp, so stop strings, token
-counts, cancellation and the rendered bytes are the same for both backends.
-
-Prompt caches: a few KV caches stay alive after their request, each with the
-tokens it holds. A request takes the one sharing the longest prefix with its
-prompt and evaluates only the rest, so a conversation's next turn skips
-re-reading everything said before (llama.cpp does the same with its one slot).
+mlx-lm builds the model and the tokenizer (its chat template too); its BatchGenerator
+decodes `parallel` sequences together behind our slots (worker.mlx_slots), so stop
+strings, token counts, cancellation and the rendered bytes are the engine's, the same
+for both backends. Grammars (constrained decoding) and embeddings are llama.cpp's only.
 """
 
 from __future__ import annotations
 
-import copy
-import random
-import threading
-from collections.abc import Callable, Iterator
+import json
+import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import jinja2
 import mlx.core as mx
 from mlx.utils import tree_flatten
-from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.tokenizer_utils import SPMStreamingDetokenizer, _byte_decoder
 from mlx_lm.utils import get_total_parameters, load_model, load_tokenizer
 
 from protocol.errors import ErrorKind
-from protocol.messages import AUTO_N_CTX_CAP, BACKEND_OPTIONS, ModelInfo, WorkerConfig
-from worker.backend import Embeddings, Finish, Generation, GenParams, ProgressFn
+from protocol.messages import (
+    AUTO_N_CTX_CAP,
+    BACKEND_OPTIONS,
+    DEFAULT_CACHE_RAM_MB,
+    DEFAULT_PARALLEL,
+    ModelInfo,
+    WorkerConfig,
+)
+from worker.backend import Embeddings, ProgressFn, Prompt
+from worker.mlx_slots import MlxSlots
 from worker.schema import RequestInvalid
-from worker.stops import generate_text
+from worker.task import Message, Task
+
+log = logging.getLogger("modelherd.worker.mlx")
 
 _OPTION_KEYS = BACKEND_OPTIONS["mlx"]
-DEFAULT_CACHE_SLOTS = 4
-PENALTY_WINDOW = 64
+DEFAULT_PREFILL_STEP = 2048
+MIB = 1024 * 1024
 # Weights are materialised in groups of about this many bytes, one progress report each.
 _PROGRESS_STEP = 32 * 1024 * 1024
 # Each load stage's part of the overall progress.
 _STAGES = {"config": (0.0, 0.05), "weights": (0.05, 0.95), "tokenizer": (0.95, 1.0)}
 
 
-class _Cancelled(Exception):
-    """Raised from the prefill callback: the client left while its prompt was read."""
-
-
 class MlxBackend:
+    supports_grammar = False  # the engine refuses grammars before a slot is taken
+
     def __init__(self) -> None:
         self._model: Any = None
         self._tok: Any = None
-        self._stream: Any = None
+        self._slots: MlxSlots | None = None
         self._n_ctx = 0
-        self._caches: _PromptCaches | None = None
-        self._prefill_step = 2048
+        self._eos: frozenset[int] = frozenset()
+        self._pieces: list[bytes] | None = None
 
     # ---- loading -----------------------------------------------------------
 
@@ -63,6 +64,12 @@ class MlxBackend:
         if unknown:
             raise ValueError(f"unknown mlx options: {', '.join(sorted(unknown))} "
                              f"(known: {', '.join(sorted(_OPTION_KEYS))})")
+        if "prompt_cache_slots" in opts:
+            log.warning("mlx option prompt_cache_slots is no longer used: the prompt cache is bounded "
+                        "in memory by cache_ram_mb (default %d)", DEFAULT_CACHE_RAM_MB)
+        parallel = int(opts.get("parallel", DEFAULT_PARALLEL))
+        if parallel < 1:
+            raise ValueError(f"option parallel must be at least 1, not {parallel}")
         folder = Path(config.path)
         # mlx-lm treats a path that does not exist as a Hugging Face repo id and
         # downloads it: never let a typo reach the network.
@@ -70,8 +77,8 @@ class MlxBackend:
             raise FileNotFoundError(f"{folder} is not an MLX model folder (no config.json)")
         device, device_name, fallback = _pick_device(str(opts.get("device", "gpu")))
         mx.set_default_device(device)
-        self._stream = mx.new_thread_local_stream(device)
-        self._prefill_step = int(opts.get("prefill_step_size", 2048))
+        # Per thread: the engine thread, which decodes, gets its own.
+        stream = mx.new_thread_local_stream(device)
         report = _StageReporter(progress)
 
         report("config", 0.0)
@@ -83,10 +90,14 @@ class MlxBackend:
         tok = load_tokenizer(folder, eos_token_ids=model_config.get("eos_token_id"))  # type: ignore[no-untyped-call]
         report("tokenizer", 1.0)
         self._model, self._tok = model, tok
-        self._caches = _PromptCaches(model, int(opts.get("prompt_cache_slots", DEFAULT_CACHE_SLOTS)))
+        self._eos = frozenset(int(t) for t in tok.eos_token_ids)
 
         trained = int(model_config.get("max_position_embeddings") or 0)
         self._n_ctx = config.n_ctx or (min(AUTO_N_CTX_CAP, trained) if trained else AUTO_N_CTX_CAP)
+        self._slots = MlxSlots(model, parallel=parallel, n_ctx=self._n_ctx,
+                               prefill_step=int(opts.get("prefill_step_size", DEFAULT_PREFILL_STEP)),
+                               cache_ram_bytes=int(opts.get("cache_ram_mb", DEFAULT_CACHE_RAM_MB)) * MIB,
+                               stream=stream)
         return ModelInfo(
             backend="mlx",
             device=device_name,
@@ -101,122 +112,100 @@ class MlxBackend:
         )
 
     def close(self) -> None:
-        self._caches = None
+        if self._slots is not None:
+            self._slots.close()
+            self._slots = None
         self._model = self._tok = None
         mx.clear_cache()
 
-    # ---- generation --------------------------------------------------------
+    # ---- what the engine uses --------------------------------------------------------
 
-    def chat(self, messages: list[dict[str, str]], params: GenParams,
-             cancel: threading.Event) -> Generation:
+    @property
+    def batcher(self) -> MlxSlots:
+        assert self._slots is not None, "model is not loaded"
+        return self._slots
+
+    @property
+    def n_ctx(self) -> int:
+        return self._n_ctx
+
+    @property
+    def chat_template(self) -> str | None:
+        """The template's source, from which the tool-call format is recognised."""
+        source = getattr(self._tok, "chat_template", None) if self._tok is not None else None
+        return source if isinstance(source, str) else None
+
+    def chat_prompt(self, task: Task) -> Prompt:
         tok = self._require()
+        assert task.messages is not None
         if not tok.has_chat_template:
             raise RequestInvalid("chat completions need a chat template and this model has none "
                                  "(tokenizer_config.json: chat_template); use /v1/completions",
                                  kind=ErrorKind.UNSUPPORTED, param="messages")
+        tools = [{"type": "function", "function": {"name": t.name, "description": t.description,
+                                                   "parameters": t.parameters}} for t in task.tools] or None
+        kwargs = dict(task.chat_template_kwargs)
+        if task.reasoning.enabled is not None:
+            kwargs.setdefault("enable_thinking", task.reasoning.enabled)
         try:
-            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except jinja2.TemplateError as exc:  # e.g. raise_exception() on roles that don't alternate
+            text = tok.apply_chat_template([_message(m) for m in task.messages], tools=tools,
+                                           add_generation_prompt=task.add_generation_prompt, tokenize=False,
+                                           **kwargs)
+        except (jinja2.TemplateError, ValueError, TypeError) as exc:  # raise_exception(): roles out of turn
             raise RequestInvalid(f"the model's chat template rejected the messages: {exc}",
                                  param="messages") from exc
-        # The template writes any BOS itself.
-        return self._generate(list(tok.encode(text, add_special_tokens=False)), params, cancel,
-                              "messages")
+        # The template writes any BOS itself (as Hugging Face's apply_chat_template assumes).
+        tokens = tok.encode(text, add_special_tokens=False)
+        return Prompt(tuple(int(t) for t in tokens), text, (), text.rstrip().endswith("<think>"))
 
-    def complete(self, prompt: str, params: GenParams, cancel: threading.Event) -> Generation:
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
         tok = self._require()
         bos = tok.bos_token
-        tokens = tok.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
-        return self._generate(list(tokens), params, cancel, "prompt")
+        add = add_special and (bos is None or not text.startswith(bos))  # not a second BOS
+        tokens = tok.encode(text, add_special_tokens=add, split_special_tokens=not parse_special)
+        return [int(t) for t in tokens]
 
-    def _generate(self, prompt: list[int], params: GenParams, cancel: threading.Event,
-                  field: str) -> Generation:
-        for name, asked in (("grammar", params.grammar is not None),
-                            ("response_format", params.json_schema is not None or params.json_object)):
-            if asked:
-                raise RequestInvalid(f"{name} is not supported by the mlx backend (constrained "
-                                     "decoding needs llama.cpp: serve this model as a GGUF)",
-                                     kind=ErrorKind.UNSUPPORTED, param=name)
-        if not prompt:
-            raise RequestInvalid("the prompt is empty", param=field)
-        if len(prompt) >= self._n_ctx:
-            raise RequestInvalid(
-                f"the prompt is {len(prompt)} tokens, more than fits the model's context of {self._n_ctx}",
-                kind=ErrorKind.CONTEXT_LENGTH_EXCEEDED, param=field)
-        return self._run(prompt, params, cancel)
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return str(self._require().decode(list(tokens)))
 
-    def _run(self, prompt: list[int], params: GenParams, cancel: threading.Event) -> Generation:
+    def piece(self, token: int) -> bytes:
+        """The token's own bytes (part of a character, maybe)."""
+        pieces = self._pieces if self._pieces is not None else self._piece_table()
+        return pieces[token] if 0 <= token < len(pieces) else self.token_text(token).encode()
+
+    def token_text(self, token: int) -> str:
+        return str(self._require().decode([token]))
+
+    def decoder(self) -> _Detokenizer:
+        return _Detokenizer(self._require().detokenizer)  # a fresh one per choice
+
+    def special_tokens(self) -> dict[str, int]:
         tok = self._require()
-        budget = self._n_ctx - len(prompt)
-        limit = min(params.max_tokens, budget) if params.max_tokens else budget
-        # Always reseed: a seed one client chose must not make the next client's sampling repeat.
-        mx.random.seed(params.seed if params.seed is not None else random.getrandbits(32))
-        sampler = _sampler(params)
-        processors = make_logits_processors(
-            params.logit_bias or None,
-            repetition_penalty=params.repeat_penalty if params.repeat_penalty != 1.0 else None,
-            presence_penalty=params.presence_penalty or None,
-            frequency_penalty=params.frequency_penalty or None,
-            # The window llama.cpp's penalties look at (llama-cpp-python's last_n_tokens_size).
-            repetition_context_size=PENALTY_WINDOW, presence_context_size=PENALTY_WINDOW,
-            frequency_context_size=PENALTY_WINDOW)
-        caches = self._caches
-        assert caches is not None  # set with the tokenizer _require checked
-        with mx.stream(self._stream):
-            cache, cached = caches.take(prompt)
-        fed = [cached]  # what the cache holds while the prompt is read
+        out = {"bos": tok.bos_token_id, "eos": tok.eos_token_id if tok.eos_token_id is not None
+               else min(self._eos, default=None)}
+        return {k: int(v) for k, v in out.items() if v is not None}
 
-        def on_prefill(done: int, total: int) -> None:
-            # Called before the first chunk, after each, and last after the first token
-            # was sampled and fed back (so done == total means one more than the prompt).
-            fed[0] = cached + done + (1 if done == total else 0)
-            if cancel.is_set():  # a long prompt stops between prefill chunks too
-                raise _Cancelled
+    def is_end(self, token: int) -> bool:
+        return token in self._eos
 
-        seen = list(prompt)  # the prompt, then every token received
-        steps = generate_step(mx.array(prompt[cached:]), self._model, self._stream, max_tokens=-1,
-                              sampler=sampler, logits_processors=processors, prompt_cache=cache,
-                              prompt_progress_callback=on_prefill, prefill_step_size=self._prefill_step)
-        eos = tok.eos_token_ids
-        detok = tok.detokenizer
-
-        def received() -> Iterator[int]:
-            for step, _logprobs in steps:
-                seen.append(int(step))  # generate_step yields plain ints, annotated as arrays
-                yield seen[-1]
-
-        def piece(token: int) -> str:
-            detok.add_token(token)
-            return str(detok.last_segment)
-
-        def flush() -> str:
-            detok.finalize()
-            return str(detok.last_segment)
-
-        intact = False
-        try:
-            reason, count = yield from generate_text(received(), eos.__contains__, piece, flush,
-                                                     params.stop, limit, cancel)
-            intact = True
-        except _Cancelled:
-            reason, count = "length", 0
-            intact = True
-        finally:
-            steps.close()
-            # A cache left by an exception inside the model may hold half a step: drop it.
-            if intact:
-                # Once a token arrived, every token received has been fed to the cache.
-                held = len(seen) if len(seen) > len(prompt) else fed[0]
-                with mx.stream(self._stream):
-                    caches.put(seen, held, cache)
-        yield Finish(reason, len(prompt), count, cached)
-
-    def embed(self, inputs: list[str]) -> Embeddings:
+    def embed(self, inputs: Sequence[Sequence[int]], normalize: int) -> Embeddings:
         raise RequestInvalid("embeddings are not supported by the mlx backend: mlx-lm models "
                              "generate text only", kind=ErrorKind.UNSUPPORTED, param="model")
 
-    def tokenize(self, text: str) -> list[int]:
-        return list(self._require().encode(text, add_special_tokens=False))
+    def _piece_table(self) -> list[bytes]:
+        """Each token's bytes, from the vocabulary as the streaming detokenizer reads it."""
+        tok = self._require()
+        detok = tok.detokenizer
+        if isinstance(detok, SPMStreamingDetokenizer):  # ▁ is a space; <0xNN> tokens are bytes
+            table = [p.replace(SPMStreamingDetokenizer._sep, b" ") for p in detok.tokenmap]
+        elif hasattr(detok, "tokenmap"):  # byte-level BPE: each character stands for a byte
+            decoder = _byte_decoder()
+            table = [b"".join(bytes([decoder[c]]) if c in decoder else c.encode() for c in piece)
+                     for piece in detok.tokenmap]
+        else:
+            table = [str(tok.decode([t])).encode() for t in range(len(tok))]
+        self._pieces = table
+        return table
 
     def _require(self) -> Any:
         if self._tok is None:
@@ -224,60 +213,42 @@ class MlxBackend:
         return self._tok
 
 
-class _PromptCaches:
-    """KV caches of recent requests, most recent first, each with the tokens it holds.
+class _Detokenizer:
+    """mlx-lm's streaming detokenizer as a TokenDecoder: text as it becomes whole."""
 
-    A cache that cannot be trimmed (a recurrent layer's state, a full sliding window) is
-    only ever continued, never cut back to a shorter prefix."""
+    def __init__(self, detok: Any) -> None:
+        self._detok = detok
 
-    def __init__(self, model: Any, slots: int) -> None:
-        self._model = model
-        self._slots = max(1, slots)
-        self._entries: list[tuple[list[int], list[Any]]] = []
+    def add(self, token: int) -> str:
+        self._detok.add_token(token)
+        return str(self._detok.last_segment)
 
-    def take(self, prompt: list[int]) -> tuple[list[Any], int]:
-        """A cache for `prompt` and how many of its first tokens it already holds.
-
-        At least one prompt token is always left to evaluate: generation starts from
-        the logits of the last one."""
-        best, best_len = -1, 0
-        for i, (tokens, _cache) in enumerate(self._entries):
-            n = _common_prefix(tokens, prompt)
-            if n > best_len:
-                best, best_len = i, n
-        if best < 0:
-            return make_prompt_cache(self._model), 0
-        keep = min(best_len, len(prompt) - 1)
-        tokens, cache = self._entries[best]
-        if len(tokens) <= keep:  # the same conversation, one turn on: take its cache over
-            del self._entries[best]
-            return cache, keep
-        # The prompt leaves the cached tokens part way (another conversation with the same
-        # opening, or a regenerated turn): trim a copy, so the original stays for its owner.
-        if not can_trim_prompt_cache(cache):
-            return make_prompt_cache(self._model), 0
-        cache = copy.deepcopy(cache)
-        trim_prompt_cache(cache, len(tokens) - keep)
-        return cache, keep
-
-    def put(self, tokens: list[int], held: int, cache: list[Any]) -> None:
-        """Keep `cache`, which holds `held` tokens: the first of `tokens`, and when `held`
-        is larger, ones never seen (sampled, fed back, then the request stopped)."""
-        if held > len(tokens):
-            if not can_trim_prompt_cache(cache):
-                return
-            trim_prompt_cache(cache, held - len(tokens))
-            held = len(tokens)
-        self._entries.insert(0, (tokens[:held], cache))
-        del self._entries[self._slots:]
+    def flush(self) -> str:
+        self._detok.finalize()
+        return str(self._detok.last_segment)
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+def _message(m: Message) -> dict[str, Any]:
+    """A message as chat templates read it: tool calls' arguments as objects, as Hugging
+    Face's templates expect (`arguments | tojson`)."""
+    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        out["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+            "name": c.name, "arguments": _arguments(c.arguments)}} for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    if m.name is not None:
+        out["name"] = m.name
+    if m.reasoning_content:
+        out["reasoning_content"] = m.reasoning_content
+    return out
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def _pick_device(want: str) -> tuple[Any, str, str | None]:
@@ -326,9 +297,3 @@ def _materialise(model: Any, report: Callable[[float], None]) -> None:
             group, group_bytes = [], 0
     mx.eval(group)
     report(1.0)
-
-
-def _sampler(params: GenParams) -> Any:
-    # top_p 0 keeps only the most likely token, as in llama.cpp; mlx-lm would skip top-p.
-    top_k = 1 if params.top_p <= 0 else params.top_k
-    return make_sampler(params.temperature, top_p=params.top_p, min_p=params.min_p, top_k=top_k)

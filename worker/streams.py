@@ -130,6 +130,7 @@ class _Reader:
     stream: Stream
     pos: int
     head_sent: bool = False
+    allowed: int = 0  # absolute offset it may be sent up to (flow control); 0: no limit
 
 
 @dataclass
@@ -193,8 +194,9 @@ class StreamStore:
                 stream.stop(reason)
         return [s.state() for s in removed]
 
-    def attach(self, req_id: int, key: str, offset: int) -> tuple[ErrorKind, str] | None:
-        """Start replaying `key` from `offset` to request `req_id`; the error if it cannot."""
+    def attach(self, req_id: int, key: str, offset: int, window: int = 0) -> tuple[ErrorKind, str] | None:
+        """Start replaying `key` from `offset` to request `req_id`, `window` bytes ahead of
+        what the router has written (0: no limit); the error if it cannot."""
         with self._lock:
             self._expire_locked()
             stream = self._streams.get(key)
@@ -202,10 +204,18 @@ class StreamStore:
                 return ErrorKind.NOT_FOUND, NOT_FOUND
             if offset < stream.buffer.base:
                 return ErrorKind.INVALID_REQUEST, OFFSET_LOST
-            self._readers[req_id] = _Reader(req_id, stream, offset)
+            self._readers[req_id] = _Reader(req_id, stream, offset, allowed=offset + window if window else 0)
             stream.readers += 1
             self._poke()
         return None
+
+    def credit(self, req_id: int, amount: int) -> None:
+        """The router wrote `amount` more bytes of this replay to its client."""
+        with self._lock:
+            reader = self._readers.get(req_id)
+            if reader is not None and reader.allowed:
+                reader.allowed += amount
+                self._poke()
 
     def detach(self, req_id: int) -> int | None:
         """A reader's client left; returns how far it had got, if it was a reader."""
@@ -281,9 +291,10 @@ class StreamStore:
         if reader.pos < stream.buffer.base:  # it fell behind what the buffer keeps
             out.lost = out.end = True
         else:
-            out.data = stream.buffer.read(reader.pos, READ_CHUNK)
+            limit = READ_CHUNK if not reader.allowed else min(READ_CHUNK, reader.allowed - reader.pos)
+            out.data = stream.buffer.read(reader.pos, limit) if limit > 0 else []
             reader.pos += sum(len(p) for p in out.data)
-            if reader.pos < stream.buffer.total:
+            if reader.pos < stream.buffer.total and limit > 0:
                 self._dirty = True  # more to send: another turn, after the other readers
             out.end = stream.done and reader.pos >= stream.buffer.total
         if out.end:

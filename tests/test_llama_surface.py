@@ -1,0 +1,183 @@
+"""llama-server's router surface and OpenAI's details, against the real daemon: /props,
+tokenizer routes, un-prefixed OpenAI routes, CORS, timings, llama-server's error types,
+the default model, normalised embeddings, native /completion, logprobs, n > 1, seeds."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.daemon import Daemon
+
+MSG = [{"role": "user", "content": "Hello there"}]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory, models_dir: Path,
+           isolated_env: dict[str, str]) -> Iterator[Daemon]:
+    """A daemon with exactly one model: requests without `model` go to it."""
+    config = tmp_path_factory.mktemp("single") / "c.toml"
+    config.write_text(f'[server]\nmodels_dirs = []\napi_keys = ["sk-test-key"]\n\n'
+                      f'[models.only]\nsource = "{models_dir / "tiny-a.gguf"}"\nn_ctx = 256\n')
+    with Daemon("--config", str(config), env=isolated_env) as d:
+        yield d
+
+
+def auth(d: Daemon) -> httpx.Client:
+    return httpx.Client(base_url=d.url, timeout=60, headers={"Authorization": "Bearer sk-test-key"})
+
+
+def test_props_as_llama_servers_router_and_its_models(daemon: Daemon) -> None:
+    with daemon.client() as c:
+        router = c.get("/props").json()
+        assert router["role"] == "router" and router["models_autoload"] is True
+        assert router["max_instances"] == 4 and "default_generation_settings" in router
+        # The web UI asks with autoload=false: a model not loaded is not loaded for it.
+        c.post("/models/unload", json={"model": "tiny-b"})
+        r = c.get("/props", params={"model": "tiny-b", "autoload": "false"})
+        assert r.status_code == 400 and "not loaded" in r.json()["error"]["message"]
+        props = c.get("/props", params={"model": "tiny-b", "autoload": "true"}).json()
+    assert "role" not in props  # a model's own /props, as a llama-server child answers
+    assert props["default_generation_settings"]["n_ctx"] == 1024
+    assert props["total_slots"] >= 1 and props["model_alias"] == "tiny-b"
+    assert props["modalities"] == {"vision": False, "video": False, "audio": False}
+    assert "<|im_start|>" in props["chat_template"]
+
+
+def test_tokenize_detokenize_and_apply_template(daemon: Daemon) -> None:
+    with daemon.client() as c:
+        tokens = c.post("/tokenize", json={"model": "tiny-a", "content": "hello world"}).json()["tokens"]
+        assert tokens and all(isinstance(t, int) for t in tokens)
+        pieces = c.post("/tokenize", json={"model": "tiny-a", "content": "hello world",
+                                           "with_pieces": True}).json()["tokens"]
+        assert [p["id"] for p in pieces] == tokens
+        text = c.post("/detokenize", json={"model": "tiny-a", "tokens": tokens}).json()["content"]
+        assert text == "hello world"
+        prompt = c.post("/apply-template", json={"model": "tiny-a", "messages": MSG}).json()["prompt"]
+        assert prompt.endswith("<|im_start|>assistant\n") and "Hello there" in prompt
+        bad = c.post("/detokenize", json={"model": "tiny-a", "tokens": [10**9]})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
+def test_openai_routes_without_v1_and_models_retrieve(daemon: Daemon, client: openai.OpenAI) -> None:
+    with daemon.client() as c:
+        r = c.post("/chat/completions", json={"model": "tiny-a", "messages": MSG, "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["object"] == "chat.completion"
+        assert c.get("/v1/health").json() == {"status": "ok"}
+    model = client.models.retrieve("org/tiny-long")  # slashes in ids
+    assert model.id == "org/tiny-long"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
+def test_timings_on_answers_and_on_the_last_stream_chunk(daemon: Daemon) -> None:
+    body = {"model": "tiny-a", "messages": MSG, "max_tokens": 5}
+    with daemon.client() as c:
+        whole = c.post("/v1/chat/completions", json=body).json()
+        t = whole["timings"]
+        assert t["predicted_n"] == whole["usage"]["completion_tokens"]
+        assert t["prompt_n"] + t["cache_n"] == whole["usage"]["prompt_tokens"]
+        assert t["prompt_ms"] >= 0 and t["predicted_ms"] > 0 and whole["system_fingerprint"]
+        lines = [ln for ln in c.post("/v1/chat/completions", json={**body, "stream": True}).text.split("\n")
+                 if ln.startswith("data: {")]
+    chunks = [json.loads(ln[6:]) for ln in lines]
+    assert "timings" in chunks[-1] and all("timings" not in ch for ch in chunks[:-1])
+    first = chunks[0]["choices"][0]["delta"]
+    assert first == {"role": "assistant", "content": None}  # no empty content delta
+    assert all(ch["choices"][0]["delta"].get("content") != "" for ch in chunks)
+
+
+def test_a_prompt_over_the_context_is_llama_servers_exceed_context_size_error(daemon: Daemon) -> None:
+    long = "hello world " * 2000
+    with daemon.client() as c:
+        r = c.post("/v1/chat/completions", json={"model": "tiny-a", "messages": [{"role": "user",
+                                                                                   "content": long}]})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["type"] == "exceed_context_size_error"
+    assert error["n_ctx"] == 1024 and error["n_prompt_tokens"] > 1024
+
+
+def test_a_request_without_model_goes_to_the_only_one_and_needs_one_when_there_are_more(
+        single: Daemon, daemon: Daemon) -> None:
+    with auth(single) as c:
+        r = c.post("/v1/chat/completions", json={"messages": MSG, "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["model"] == "only"
+    with daemon.client() as c:
+        r = c.post("/v1/chat/completions", json={"messages": MSG, "max_tokens": 2})
+    assert r.status_code == 400 and "model name is missing" in r.json()["error"]["message"]
+
+
+def test_cors_preflight_needs_no_key_and_answers_carry_the_origin(single: Daemon) -> None:
+    origin = "http://localhost:5173"
+    with httpx.Client(base_url=single.url, timeout=30) as c:
+        pre = c.options("/v1/chat/completions", headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        assert pre.status_code == 204  # no key on a preflight: browsers send none
+        assert pre.headers["access-control-allow-origin"] == origin
+        assert pre.headers["access-control-allow-credentials"] == "true"
+        assert "POST" in pre.headers["access-control-allow-methods"]
+        assert pre.headers["access-control-allow-headers"] == "authorization, content-type"
+        denied = c.get("/v1/models", headers={"Origin": origin})
+        assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == origin
+        foreign = c.options("/v1/models", headers={"Origin": "https://evil.example",
+                                                    "Access-Control-Request-Method": "GET"})
+        assert "access-control-allow-origin" not in foreign.headers  # not a local origin
+    with auth(single) as c:
+        ok = c.get("/v1/models", headers={"Origin": origin})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == origin
+
+
+def test_embeddings_are_l2_normalised_unless_asked_otherwise(daemon: Daemon) -> None:
+    with daemon.client() as c:
+        unit = c.post("/v1/embeddings", json={"model": "tiny-a", "input": ["hello", ""]}).json()["data"]
+        raw = c.post("/v1/embeddings", json={"model": "tiny-a", "input": "hello",
+                                             "embd_normalize": -1}).json()["data"][0]["embedding"]
+        native = c.post("/embedding", json={"model": "tiny-a", "input": "hello"})
+    assert math.isclose(math.sqrt(sum(x * x for x in unit[0]["embedding"])), 1.0, rel_tol=1e-5)
+    assert not any(unit[1]["embedding"])  # an empty input embeds to zeros, not a 500
+    assert not math.isclose(math.sqrt(sum(x * x for x in raw)), 1.0, rel_tol=1e-3)
+    assert native.status_code == 200
+
+
+def test_native_completion_with_token_probabilities(daemon: Daemon) -> None:
+    with daemon.client() as c:
+        r = c.post("/completion", json={"model": "tiny-a", "prompt": "hello", "n_predict": 4, "n_probs": 3,
+                                        "temperature": 0}).json()
+    assert r["stop"] is True and r["tokens_predicted"] == len(r["completion_probabilities"])
+    first = r["completion_probabilities"][0]
+    assert len(first["top_logprobs"]) == 3 and first["logprob"] <= 0
+    assert first["top_logprobs"][0]["logprob"] >= first["top_logprobs"][-1]["logprob"]
+    assert set(r["timings"]) >= {"prompt_n", "prompt_ms", "predicted_n", "predicted_ms", "cache_n"}
+
+
+def test_logprobs_and_several_choices_with_the_openai_client(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(model="tiny-a", messages=MSG, max_tokens=6, logprobs=True,  # type: ignore[arg-type]
+                                       top_logprobs=2, n=2, temperature=1.0, seed=5)
+    assert [c.index for c in r.choices] == [0, 1]
+    for choice in r.choices:
+        assert choice.logprobs is not None and choice.logprobs.content
+        entry = choice.logprobs.content[0]
+        assert len(entry.top_logprobs) == 2 and entry.logprob <= 0
+    assert r.usage is not None and r.usage.completion_tokens == sum(
+        len(c.logprobs.content) for c in r.choices if c.logprobs and c.logprobs.content)
+    text = client.completions.create(model="tiny-a", prompt="hello", max_tokens=4, logprobs=2)
+    assert text.choices[0].logprobs is not None and len(text.choices[0].logprobs.tokens or []) == 4
+
+
+def test_a_seed_reproduces_whatever_the_cache_holds_with_cache_prompt_false(client: openai.OpenAI) -> None:
+    def say() -> str:
+        r = client.chat.completions.create(model="tiny-b", messages=MSG, max_tokens=12, temperature=1.0,  # type: ignore[arg-type]
+                                           seed=1234, extra_body={"cache_prompt": False})
+        return r.choices[0].message.content or ""
+
+    first = say()
+    client.chat.completions.create(model="tiny-b", messages=[{"role": "user", "content": "Something else"}],  # type: ignore[list-item]
+                                   max_tokens=8)  # the cache now holds another conversation
+    assert say() == first

@@ -1,0 +1,101 @@
+"""A generation task: what a request asks of the model, whichever API it came in through.
+
+Each API module parses its own request body (OpenAI chat and completions, the Responses
+API, Anthropic's Messages, llama-server's native /completion and /infill) into a `Task`;
+the engine runs tasks without knowing which API they came from, and hands what they
+produce (worker.outputs) back to that API's renderer.
+
+Conversation messages are kept in OpenAI's chat shape, the one chat templates are
+written for: `role`, `content` (text), and for assistant turns `tool_calls` and
+`reasoning_content`, for tool results `tool_call_id` (and `name`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A call an assistant turn made (conversation history)."""
+
+    id: str
+    name: str
+    arguments: str  # JSON text
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # system | user | assistant | tool (developer is mapped to system)
+    content: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    name: str | None = None
+    reasoning_content: str | None = None
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A function the model may call."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = field(default_factory=dict)  # a JSON Schema
+    strict: bool = False
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    mode: str = "auto"  # "auto" | "none" | "required" | "named"
+    name: str | None = None  # the function, when mode is "named"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Reasoning:
+    """How thinking is handled: whether the model is asked to think (None: the template's
+    default), and how its thinking is returned ("auto"/"deepseek": separated out as
+    reasoning; "none": left in the text)."""
+
+    enabled: bool | None = None
+    format: str = "auto"
+    budget: int | None = None  # tokens of thinking at most (Anthropic's budget_tokens)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One generation: a chat (`messages`) or a raw prompt (`prompt`), and how to sample it."""
+
+    messages: tuple[Message, ...] | None = None
+    prompt: str | tuple[int, ...] | None = None  # text, or token ids
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
+    parallel_tool_calls: bool | None = None  # None: what the model's template can render
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    sampling: Sampling = field(default_factory=Sampling)
+    n: int = 1  # choices from one prompt evaluation
+    logprobs: int | None = None  # None: none; 0: the sampled token's; k: and the k most likely
+    grammar: str | None = None  # GBNF
+    json_schema: dict[str, Any] | None = None
+    json_object: bool = False
+    reasoning: Reasoning = field(default_factory=Reasoning)
+    cache_prompt: bool = True  # False: evaluate the whole prompt (reproducible whatever the cache)
+    chat_template_kwargs: tuple[tuple[str, Any], ...] = ()
+    add_generation_prompt: bool = True
+    stream: bool = False
+    include_usage: bool = False
+    conversation: str | None = None  # X-Conversation-Id's stream key: prefer its slot
