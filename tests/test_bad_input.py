@@ -131,3 +131,15 @@ def test_body_over_limit(tmp_path: Path, models_dir: Path, isolated_env: dict[st
         assert_error(c.post(CHAT, content=chunks()), 413, "limit")
         small = {"model": "tiny-a", "messages": MSG, "max_tokens": 1}
         assert c.post(CHAT, json=small).status_code == 200
+
+
+@pytest.mark.parametrize("depth", [1_000, 100_000])
+@pytest.mark.parametrize(("path", "key"), [(CHAT, "messages"), ("/v1/completions", "prompt"),
+                                           ("/v1/embeddings", "input"), ("/models/load", "model"),
+                                           ("/models/unload", "model"), ("/models/pull", "model"),
+                                           ("/v1/streams/lookup", "conversation_ids")])
+def test_deeply_nested_json_is_a_400(http: httpx.Client, path: str, key: str, depth: int) -> None:
+    body = f'{{"model": "tiny-a", "{key}": ' + "[" * depth + "]" * depth + "}"
+    r = http.post(path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code in (400, 413), r.text  # 413: the management routes' smaller body limit
+    assert_error(r, r.status_code)
