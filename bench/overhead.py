@@ -127,6 +127,7 @@ def backend_in_process(model: Path, backend_name: str,
     backend = make_backend(backend_name)
     backend.load(WorkerConfig(name="bench", path=str(model), backend=backend_name, n_ctx=N_CTX),
                  lambda s, v: True)
+    backend.warm_up()  # as the worker's engine thread does, on the thread that decodes
     task = Task(messages=tuple(Message(m["role"], m["content"]) for m in MESSAGES))
     prompt = backend.chat_prompt(task)
     spec = SeqSpec(prompt.tokens, Sampling(seed=1, logit_bias=tuple((int(k), v) for k, v in NO_EOS.items())),

@@ -84,8 +84,9 @@ def build_app(settings: Settings, runtime: Runtime, lifespan: Lifespan | None = 
         return json_response(Health())
 
     async def no_tools(request: Request) -> Response:
-        """llama-server's answer when its built-in tools are off: its web UI reads a 403 as
-        "tools disabled" and anything else as a failure to report."""
+        """llama-server's answer when its built-in tools or its web UI's CORS proxy are off:
+        its web UI reads a 403 as "disabled" and anything else as a failure to report.
+        modelherd has neither: the proxy would fetch any URL for anyone with a key."""
         return json_response(FeatureDisabled(), status=403)
 
     props_of_model = proxied(RouteSpec(Endpoint.PROPS, model_in_query=True))
@@ -103,6 +104,7 @@ def build_app(settings: Settings, runtime: Runtime, lifespan: Lifespan | None = 
         Route("/v1/health", health, methods=["GET"]),
         Route("/props", RawEndpoint(props), methods=["GET"]),
         Route("/tools", no_tools, methods=["GET", "POST"]),
+        Route("/cors-proxy", no_tools, methods=["GET", "POST"]),
         Route("/slots", proxied(RouteSpec(Endpoint.SLOTS, model_in_query=True)), methods=["GET"]),
         *[Route(path, proxied(spec), methods=["POST"]) for paths, spec in PROXIED for path in paths],
         *models_api.routes(pool, runtime.reload),

@@ -204,7 +204,10 @@ class PoolCollector:
 def endpoint(metrics: Metrics) -> Callable[[Request], Awaitable[Response]]:
     """GET /metrics (an admin key's, unless `metrics_public`: router.auth and router.app)."""
 
+    # llama-server's header: lets a scraper tell a restart from a counter reset.
+    started = {"Process-Start-Time-Unix": str(int(time.time()))}
+
     async def scrape(request: Request) -> Response:
-        return Response(metrics.exposition(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_PLAIN_0_0_4, headers=started)
 
     return scrape

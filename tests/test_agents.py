@@ -258,3 +258,45 @@ def test_an_agents_stream_resumes_where_its_client_left(agents: Daemon, path: st
     assert [d["type"] for d in data] == events
     if path == "/v1/responses":
         assert [d["sequence_number"] for d in data] == list(range(len(data)))
+
+
+PARIS = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+
+
+def test_a_final_assistant_message_is_continued_not_answered(oai: openai.OpenAI, claude: anthropic.Anthropic,
+                                                             agents: Daemon) -> None:
+    """Prefill, as llama-server does unasked and vLLM with continue_final_message: the prompt
+    ends with the assistant's words and the answer carries only what comes after them."""
+    prefill = "The capital of France is"
+    messages = [*PARIS, {"role": "assistant", "content": prefill}]
+    r = oai.chat.completions.create(model="smol", messages=messages, max_tokens=8, temperature=0)  # type: ignore[arg-type]
+    text = r.choices[0].message.content or ""
+    assert "Paris" in text and not text.lstrip().startswith("The capital")
+    with agents.client(headers={"Authorization": f"Bearer {KEY}"}) as c:
+        prompt = c.post("/apply-template", json={"model": "smol", "messages": messages}).json()["prompt"]
+        plain = c.post("/apply-template", json={"model": "smol", "messages": PARIS}).json()["prompt"]
+    assert prompt == plain + prefill  # no end of turn after it, no new assistant turn
+    m = claude.messages.create(model="smol", max_tokens=8, messages=messages,  # type: ignore[arg-type]
+                               extra_body={"temperature": 0})  # the 2.x client has no temperature
+    block = m.content[0]
+    assert block.type == "text" and "Paris" in block.text
+    assert not block.text.lstrip().startswith("The capital")
+    explicit = oai.chat.completions.create(model="smol", messages=messages, max_tokens=8, temperature=0,  # type: ignore[arg-type]
+                                           extra_body={"continue_final_message": True,
+                                                       "add_generation_prompt": False})
+    assert explicit.choices[0].message.content == text
+
+
+@pytest.mark.parametrize(("extra", "messages", "says"), [
+    ({"continue_final_message": True}, [*PARIS, {"role": "assistant", "content": "The"}],
+     "Cannot set both add_generation_prompt and continue_final_message"),
+    ({}, [*PARIS, {"role": "assistant", "content": "A"}, {"role": "assistant", "content": "B"}],
+     "Cannot have 2 or more assistant messages at the end"),
+    ({"continue_final_message": True, "add_generation_prompt": False}, PARIS,
+     "needs the messages to end with an assistant message"),
+])
+def test_a_continuation_that_cannot_be_is_a_400(oai: openai.OpenAI, extra: dict[str, object],
+                                               messages: list[dict[str, str]], says: str) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.chat.completions.create(model="smol", messages=messages, max_tokens=4, extra_body=extra)  # type: ignore[arg-type]
+    assert says in err.value.message

@@ -66,7 +66,8 @@ def test_unknown_model(http: httpx.Client) -> None:
     ("temperature", "hot"), ("temperature", 5.0), ("temperature", -1),
     ("top_p", 1.5), ("top_k", -3), ("min_p", 2), ("max_tokens", 0), ("max_tokens", "ten"),
     ("presence_penalty", 3), ("frequency_penalty", -9), ("stop", 12), ("seed", "x"),
-    ("messages", "hello"), ("stream", "yes"), ("logit_bias", {"abc": 1}), ("logit_bias", {"5": 500}),
+    ("messages", "hello"), ("stream", "yes"), ("logit_bias", {"5": True}), ("logit_bias", {"5": 500}),
+    ("logit_bias", {str(10**7): 1}), ("logit_bias", [[5]]),
     ("n", 0), ("n", 9),  # 9: more choices than the model has slots
 ])
 def test_wrong_type_or_range_names_the_field(http: httpx.Client, field: str, value: Any) -> None:

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.daemon import Daemon
+from tests.daemon import NO_EOS, Daemon
 
 MSG = [{"role": "user", "content": "Hello there"}]
 
@@ -108,9 +108,13 @@ def test_a_request_without_model_goes_to_the_only_one_and_needs_one_when_there_a
     with auth(single) as c:
         r = c.post("/v1/chat/completions", json={"messages": MSG, "max_tokens": 2})
         assert r.status_code == 200 and r.json()["model"] == "only"
+        r = c.post("/v1/responses", json={"input": "hi", "max_output_tokens": 2})
+        assert r.status_code == 200 and r.json()["model"] == "only"
     with daemon.client() as c:
-        r = c.post("/v1/chat/completions", json={"messages": MSG, "max_tokens": 2})
-    assert r.status_code == 400 and "model name is missing" in r.json()["error"]["message"]
+        for path, body in [("/v1/chat/completions", {"messages": MSG, "max_tokens": 2}),
+                           ("/v1/responses", {"input": "hi", "max_output_tokens": 2})]:
+            r = c.post(path, json=body)
+            assert r.status_code == 400 and "model name is missing" in r.json()["error"]["message"], path
 
 
 def test_cors_preflight_needs_no_key_and_answers_carry_the_origin(single: Daemon) -> None:
@@ -119,7 +123,7 @@ def test_cors_preflight_needs_no_key_and_answers_carry_the_origin(single: Daemon
         pre = c.options("/v1/chat/completions", headers={
             "Origin": origin, "Access-Control-Request-Method": "POST",
             "Access-Control-Request-Headers": "authorization, content-type"})
-        assert pre.status_code == 204  # no key on a preflight: browsers send none
+        assert pre.status_code == 200 and pre.content == b""  # no key on a preflight: browsers send none
         assert pre.headers["access-control-allow-origin"] == origin
         assert pre.headers["access-control-allow-credentials"] == "true"
         assert "POST" in pre.headers["access-control-allow-methods"]
@@ -128,10 +132,37 @@ def test_cors_preflight_needs_no_key_and_answers_carry_the_origin(single: Daemon
         assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == origin
         foreign = c.options("/v1/models", headers={"Origin": "https://evil.example",
                                                     "Access-Control-Request-Method": "GET"})
+        assert foreign.status_code == 200  # answered, as llama-server does, but not allowed:
         assert "access-control-allow-origin" not in foreign.headers  # not a local origin
     with auth(single) as c:
         ok = c.get("/v1/models", headers={"Origin": origin})
         assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == origin
+
+
+def test_disabled_features_answer_llama_servers_403(single: Daemon) -> None:
+    with auth(single) as c:
+        for method, path in [("GET", "/tools"), ("POST", "/tools"), ("GET", "/cors-proxy"),
+                             ("POST", "/cors-proxy")]:
+            r = c.request(method, path)
+            assert r.status_code == 403 and r.json()["error"]["type"] == "feature_disabled", path
+
+
+def test_logit_bias_as_llama_server_reads_it(daemon: Daemon) -> None:
+    """Token ids or text (each of its tokens), as an object or [key, bias] pairs; false bans."""
+    def tokens(bias: object) -> list[int]:
+        with daemon.client() as c:
+            r = c.post("/completion", json={"model": "tiny-a", "prompt": "hello", "n_predict": 6,
+                                            "temperature": 0, "return_tokens": True, "logit_bias": bias})
+        assert r.status_code == 200 and r.json()["tokens"], r.text
+        return list(r.json()["tokens"])
+
+    with daemon.client() as c:
+        word = c.post("/tokenize", json={"model": "tiny-a", "content": " world"}).json()["tokens"]
+    for forced in ({" world": 100}, [[" world", 100]], {str(word[0]): 100}, [[word[0], 100]]):
+        assert set(tokens(forced)) <= set(word), forced
+    plain = tokens(NO_EOS)
+    banned = tokens({**NO_EOS, str(plain[0]): False})
+    assert banned[0] != plain[0] and plain[0] not in banned
 
 
 def test_embeddings_are_l2_normalised_unless_asked_otherwise(daemon: Daemon) -> None:

@@ -5,6 +5,7 @@ admin keys only (unless metrics_public), key names as labels and never the keys.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -114,6 +115,7 @@ def test_only_an_admin_key_may_scrape(metered: Daemon) -> None:
     r = get(metered, "/metrics", ADMIN)
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert abs(int(r.headers["process-start-time-unix"]) - time.time()) < 3600  # llama-server's header
     names = {f.name for f in text_string_to_metric_families(r.text)}
     # The router's own process, from prometheus_client's process collector.
     assert {"process_resident_memory_bytes", "process_cpu_seconds", "modelherd_build_info"} <= names

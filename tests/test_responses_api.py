@@ -490,7 +490,7 @@ INVALID, UNSUPPORTED = ErrorKind.INVALID_REQUEST, ErrorKind.UNSUPPORTED
 BAD: list[tuple[str, bytes, str | None, ErrorKind]] = [
     ("malformed", b'{"model": "m", "input": [', None, INVALID),
     ("not an object", b"[1]", None, INVALID),
-    ("no model", json.dumps({"input": "x"}).encode(), "model", INVALID),
+    ("model not a string", json.dumps({"model": 3, "input": "x"}).encode(), "model", INVALID),
     ("no input", body(), "input", INVALID),
     ("input not a list", body(input=3), "input", INVALID),
     ("bad role", body(input=[{"role": "robot", "content": "x"}]), "input", INVALID),

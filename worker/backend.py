@@ -132,11 +132,12 @@ class Batcher(Protocol):
 
 class Backend(Protocol):
     """Called from two threads: `load` and `close` on the worker's socket thread, the
-    rest on the engine thread, one call at a time."""
+    rest (from `warm_up` on) on the engine thread, one call at a time."""
 
     supports_grammar: bool  # whether SeqSpec.grammar can be applied (llama.cpp: yes; mlx-lm: no)
 
     def load(self, config: WorkerConfig, progress: ProgressFn) -> ModelInfo: ...
+    def warm_up(self) -> None: ...
     @property
     def batcher(self) -> Batcher: ...
     @property

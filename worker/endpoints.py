@@ -94,6 +94,7 @@ class Endpoints:
         self._model = config.name
         self._config = config
         self._info = info
+        self._vocab = openai_api.Vocab(info.n_vocab, lambda text: backend.tokenize(text, add_special=False))
         self._template = chat_template
         self._format: ToolFormat = detect_format(chat_template)
         # What each running sequence (by slot handle) is at, set by the engine every step;
@@ -112,19 +113,19 @@ class Endpoints:
 
     def _chat(self, body: bytes, key: str | None, _h: Sequence[StoredTurn]) -> Generation:
         req = parse(body, ChatRequest)
-        task = openai_api.chat_task(req, self._info.n_vocab, key)
+        task = openai_api.chat_task(req, self._vocab, key)
         return self._generation(task, openai_api.ChatRenderer(self._model, task))
 
     def _chat_input_tokens(self, body: bytes, key: str | None, _h: Sequence[StoredTurn]) -> Immediate:
         req = parse(body, ChatRequest)
-        task = openai_api.chat_task(req, self._info.n_vocab, key)
+        task = openai_api.chat_task(req, self._vocab, key)
         prompt = self._chat_prompt(task)
         count = native_api.InputTokens(len(prompt.tokens), "response.input_tokens")
         return Immediate(native_api.encode(count))
 
     def _completion(self, body: bytes, key: str | None, _h: Sequence[StoredTurn]) -> Generation:
         req = parse(body, CompletionRequest)
-        task = openai_api.completion_task(req, self._info.n_vocab, key)
+        task = openai_api.completion_task(req, self._vocab, key)
         prompt = None
         if req.suffix:  # fill in the middle, where the model has the tokens for it
             if not isinstance(task.prompt, str):  # llama.cpp aborts on an id out of its vocabulary
@@ -154,8 +155,10 @@ class Endpoints:
             prompt = Prompt(tuple(self._mixed_tokens(req.prompt, add_special=True)))
             self._check_ids(prompt.tokens, "prompt")  # before the renderer detokenizes them
         task = Task(prompt=prompt.tokens, max_tokens=openai_api.max_tokens(req), stop=openai_api.stops(req),
-                    sampling=openai_api.sampling(req, self._info.n_vocab), n=req.n,
-                    logprobs=n_probs if n_probs > 0 else None, grammar=req.grammar,
+                    sampling=openai_api.sampling(req, self._vocab), n=req.n,
+                    # return_tokens needs each token's id, which travels with its log-probability
+                    logprobs=n_probs if n_probs > 0 else (0 if req.return_tokens else None),
+                    grammar=req.grammar,
                     json_schema=req.json_schema,
                     cache_prompt=req.cache_prompt, stream=bool(req.stream), conversation=key)
         renderer = native_api.NativeRenderer(self._model, self._backend.detokenize(prompt.tokens),
@@ -185,7 +188,7 @@ class Endpoints:
 
     def _apply_template(self, body: bytes, key: str | None, _h: Sequence[StoredTurn]) -> Immediate:
         req = parse(body, ChatRequest)
-        task = openai_api.chat_task(req, self._info.n_vocab, key)
+        task = openai_api.chat_task(req, self._vocab, key)
         return Immediate(native_api.encode(native_api.Applied(self._chat_prompt(task).text)))
 
     def _embedding(self, body: bytes, _k: str | None, _h: Sequence[StoredTurn]) -> Immediate:
@@ -335,7 +338,13 @@ class Endpoints:
                 task = replace(task, messages=tuple(messages))
         elif task.tools:
             task = replace(task, tools=())
-        return self._backend.chat_prompt(task)
+        prompt = self._backend.chat_prompt(task)
+        if not task.prefill:
+            return prompt
+        # The prefill is tokenized on its own: the template's text before it stays the
+        # tokens a plain request has, so the prompt cache still matches.
+        tail = self._backend.tokenize(task.prefill, add_special=False, parse_special=False)
+        return Prompt(prompt.tokens + tuple(tail), prompt.text + task.prefill, prompt.stop, False)
 
     def _grammar(self, task: Task, prompt: Prompt) -> tuple[str | None, LazyGrammar | None]:
         if task.tools and task.tool_choice.mode in ("required", "named"):

@@ -141,6 +141,7 @@ class Engine:
     def _run(self) -> None:
         self._sink = self._sink_factory()
         try:
+            self._backend.warm_up()
             while self._take_jobs():
                 self._take_credits()
                 self._admit()

@@ -28,7 +28,7 @@ from protocol.errors import Dialect, ErrorKind, error_body, error_status, param_
 from worker import messages_wire as w
 from worker.outputs import Delta, Finish, Reasoning, Text, ToolCallBegin
 from worker.schema import RequestInvalid
-from worker.task import Message, Sampling, Task, Tool, ToolCall, ToolChoice
+from worker.task import Message, Sampling, Task, Tool, ToolCall, ToolChoice, continuation
 from worker.task import Reasoning as TaskReasoning
 
 T = TypeVar("T")
@@ -229,7 +229,10 @@ def _task(req: w.CountTokensRequest, max_tokens: int | None) -> tuple[Task, Mess
     choice, parallel = _tool_choice(req.tool_choice, tools)
     fmt = req.output_config.format if req.output_config else None
     display = getattr(req.thinking, "display", None)
-    task = Task(messages=tuple(_messages(req)), tools=tuple(tools), tool_choice=choice,
+    # A final assistant message is Anthropic's prefill: the answer continues it.
+    messages, prefill, generation_prompt = continuation(_messages(req), None, True)
+    task = Task(messages=tuple(messages), prefill=prefill, add_generation_prompt=generation_prompt,
+                tools=tuple(tools), tool_choice=choice,
                 parallel_tool_calls=parallel, max_tokens=max_tokens,
                 json_schema=fmt.schema if fmt else None, reasoning=_reasoning(req.thinking, max_tokens))
     return task, MessagesOptions(model=req.model, omit_thinking=display == "omitted")

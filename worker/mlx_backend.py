@@ -111,6 +111,9 @@ class MlxBackend:
             memory_bytes=int(mx.get_active_memory()),
         )
 
+    def warm_up(self) -> None:
+        pass  # mlx compiles lazily and has no thread-bound pool to claim
+
     def close(self) -> None:
         if self._slots is not None:
             self._slots.close()

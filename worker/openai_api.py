@@ -9,8 +9,11 @@ a suffix made once per choice, so the hot path encodes only the text.
 
 from __future__ import annotations
 
+import math
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
 import msgspec
@@ -20,7 +23,7 @@ from worker import openai_wire as w
 from worker.outputs import Delta, Finish, Reasoning, Text, TokenLogprob, ToolCallArgs, ToolCallBegin
 from worker.schema import ChatRequest, CompletionRequest, RequestInvalid, message_text
 from worker.schema import Sampling as SamplingFields
-from worker.task import Message, Sampling, Task, Tool, ToolCall, ToolChoice
+from worker.task import Message, Sampling, Task, Tool, ToolCall, ToolChoice, continuation
 from worker.task import Reasoning as TaskReasoning
 
 SSE = "text/event-stream"
@@ -59,13 +62,36 @@ def new_id(prefix: str) -> str:
 # ---- requests ------------------------------------------------------------------------------
 
 
-def sampling(req: SamplingFields, n_vocab: int) -> Sampling:
-    bias: list[tuple[int, float]] = []
-    for key, value in (req.logit_bias or {}).items():
-        if not key.isdigit() or int(key) >= n_vocab:
-            raise RequestInvalid(f"logit_bias key {key!r} is not a token id of this model (0..{n_vocab - 1})",
+@dataclass(frozen=True)
+class Vocab:
+    """What reading a request needs of the model's vocabulary."""
+
+    n: int
+    tokenize: Callable[[str], list[int]]  # text, without special tokens
+
+
+def logit_biases(raw: dict[str, float | bool] | list[tuple[int | str, float | bool]] | None,
+                 vocab: Vocab) -> tuple[tuple[int, float], ...]:
+    """A request's logit_bias as (token, bias) pairs, read as llama-server reads it."""
+    items = raw.items() if isinstance(raw, dict) else (raw or ())
+    out: list[tuple[int, float]] = []
+    for key, value in items:
+        if value is True:
+            raise RequestInvalid("logit_bias: a bias is a number from -100 to 100, or false to ban the token",
                                  param="logit_bias")
-        bias.append((int(key), value))
+        bias = -math.inf if value is False else float(value)
+        if isinstance(key, int) or key.isdigit():
+            token = int(key)
+            if not 0 <= token < vocab.n:
+                raise RequestInvalid(f"logit_bias key {key!r} is not a token id of this model "
+                                     f"(0..{vocab.n - 1})", param="logit_bias")
+            out.append((token, bias))
+        else:  # text: every token it is made of
+            out.extend((token, bias) for token in vocab.tokenize(key))
+    return tuple(out)
+
+
+def sampling(req: SamplingFields, vocab: Vocab) -> Sampling:
     d = Sampling()
     return Sampling(
         temperature=d.temperature if req.temperature is None else req.temperature,
@@ -76,7 +102,7 @@ def sampling(req: SamplingFields, n_vocab: int) -> Sampling:
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
         repeat_penalty=req.repeat_penalty or d.repeat_penalty,
-        logit_bias=tuple(bias),
+        logit_bias=logit_biases(req.logit_bias, vocab),
     )
 
 
@@ -94,7 +120,7 @@ def stops(req: SamplingFields) -> tuple[str, ...]:
     return (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
 
 
-def chat_task(req: ChatRequest, n_vocab: int, conversation: str | None) -> Task:
+def chat_task(req: ChatRequest, vocab: Vocab, conversation: str | None) -> Task:
     messages = []
     for m in req.messages:
         role = "system" if m.role == "developer" else m.role
@@ -135,14 +161,16 @@ def chat_task(req: ChatRequest, n_vocab: int, conversation: str | None) -> Task:
     reasoning_format = req.reasoning_format or "auto"
     if reasoning_format == "deepseek-legacy":
         reasoning_format = "none"
+    messages, prefill, generation_prompt = continuation(messages, req.continue_final_message,
+                                                        req.add_generation_prompt)
     return Task(
-        messages=tuple(messages), tools=tuple(tools), tool_choice=choice,
+        messages=tuple(messages), prefill=prefill, tools=tuple(tools), tool_choice=choice,
         parallel_tool_calls=req.parallel_tool_calls, max_tokens=max_tokens(req), stop=stops(req),
-        sampling=sampling(req, n_vocab), n=req.n, logprobs=logprobs, grammar=req.grammar,
+        sampling=sampling(req, vocab), n=req.n, logprobs=logprobs, grammar=req.grammar,
         json_schema=json_schema, json_object=json_object,
         reasoning=TaskReasoning(enabled, reasoning_format),
         cache_prompt=req.cache_prompt, chat_template_kwargs=tuple(kwargs.items()),
-        add_generation_prompt=req.add_generation_prompt, stream=bool(req.stream),
+        add_generation_prompt=generation_prompt, stream=bool(req.stream),
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
         conversation=conversation)
 
@@ -169,7 +197,7 @@ def _tool_choice(req: ChatRequest, tools: list[Tool]) -> ToolChoice:
     return ToolChoice("named", name)
 
 
-def completion_task(req: CompletionRequest, n_vocab: int, conversation: str | None) -> Task:
+def completion_task(req: CompletionRequest, vocab: Vocab, conversation: str | None) -> Task:
     prompt: str | tuple[int, ...]
     if isinstance(req.prompt, str):
         prompt = req.prompt
@@ -180,7 +208,7 @@ def completion_task(req: CompletionRequest, n_vocab: int, conversation: str | No
     else:
         raise RequestInvalid("prompt: a string, a list of token ids, or a list of one string "
                              "(send one request per prompt)", param="prompt")
-    return Task(prompt=prompt, max_tokens=max_tokens(req), stop=stops(req), sampling=sampling(req, n_vocab),
+    return Task(prompt=prompt, max_tokens=max_tokens(req), stop=stops(req), sampling=sampling(req, vocab),
                 n=req.n, logprobs=req.logprobs, grammar=req.grammar, json_schema=req.json_schema,
                 cache_prompt=req.cache_prompt, stream=bool(req.stream),
                 include_usage=bool(req.stream_options and req.stream_options.include_usage),

@@ -149,7 +149,7 @@ class ReasoningConfig(msgspec.Struct, kw_only=True):
 
 
 class ResponsesRequest(msgspec.Struct, kw_only=True):
-    model: str
+    model: str = ""  # none: the router sends it to the only model, as with chat
     input: str | list[msgspec.Raw] | UnsetType = UNSET
     instructions: str | None = None
     tools: list[msgspec.Raw] | None = None

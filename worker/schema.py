@@ -97,6 +97,9 @@ class NamedToolChoice(msgspec.Struct):
     function: NamedFunction | None = None
 
 
+Bias = Annotated[float, Meta(ge=-100.0, le=100.0)] | bool
+
+
 class Sampling(msgspec.Struct, kw_only=True):
     """Fields shared by chat and text completions (llama-server's extras included)."""
 
@@ -114,7 +117,9 @@ class Sampling(msgspec.Struct, kw_only=True):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     repeat_penalty: Annotated[float, Meta(gt=0.0)] | None = None
-    logit_bias: dict[str, Annotated[float, Meta(ge=-100.0, le=100.0)]] | None = None
+    # OpenAI's {"token id": bias}, or llama-server's: keys may be text (each of its tokens is
+    # biased), a list of [token id or text, bias] pairs, and false as a bias bans the token.
+    logit_bias: dict[str, Bias] | list[tuple[int | str, Bias]] | None = None
     grammar: str | None = None
     json_schema: dict[str, Any] | None = None  # llama-server: a schema the output must follow
     n: Annotated[int, Meta(ge=1, le=128)] = 1
@@ -137,6 +142,9 @@ class ChatRequest(Sampling, kw_only=True):
     thinking: bool | None = None  # a plain switch for thinking models
     reasoning_effort: str | None = None
     add_generation_prompt: bool = True
+    # vLLM's and llama-server's: continue the final assistant message instead of answering
+    # it (true, "content" or "reasoning_content"; llama-server also does so unasked).
+    continue_final_message: bool | str | None = None
 
 
 class CompletionRequest(Sampling, kw_only=True):

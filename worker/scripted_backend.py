@@ -174,6 +174,9 @@ class ScriptedBackend:
     def embed(self, inputs: Sequence[Sequence[int]], normalize: int) -> Embeddings:
         return Embeddings([[float(len(t)), 1.0] for t in inputs], sum(len(t) for t in inputs))
 
+    def warm_up(self) -> None:
+        pass
+
     def close(self) -> None:
         self._slots = None
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from worker.schema import RequestInvalid
+
 
 @dataclass(frozen=True)
 class ToolCall:
@@ -96,6 +98,35 @@ class Task:
     cache_prompt: bool = True  # False: evaluate the whole prompt (reproducible whatever the cache)
     chat_template_kwargs: tuple[tuple[str, Any], ...] = ()
     add_generation_prompt: bool = True
+    # An assistant message to continue (prefill): `messages` end before it, the prompt ends
+    # with its text, and the answer carries only what the model writes after it.
+    prefill: str | None = None
     stream: bool = False
     include_usage: bool = False
     conversation: str | None = None  # X-Conversation-Id's stream key: prefer its slot
+
+
+def continuation(messages: list[Message], asked: bool | str | None,
+                 generation_prompt: bool) -> tuple[list[Message], str | None, bool]:
+    """Whether to continue the final assistant message (prefill), as llama-server decides:
+    when asked (`continue_final_message`), or unasked when the messages end with one.
+    Returns the messages before it, its text, and add_generation_prompt."""
+    explicit = asked is True or asked in ("content", "reasoning_content")
+    last = messages[-1] if messages else None
+    if not explicit:
+        if last is None or last.role != "assistant":
+            return messages, None, generation_prompt
+        if len(messages) >= 2 and messages[-2].role == "assistant":
+            raise RequestInvalid("Cannot have 2 or more assistant messages at the end of the list.",
+                                 param="messages")
+        generation_prompt = False
+    if generation_prompt:
+        raise RequestInvalid("Cannot set both add_generation_prompt and continue_final_message to true.",
+                             param="continue_final_message")
+    if last is None or last.role != "assistant":
+        raise RequestInvalid("continue_final_message needs the messages to end with an assistant message",
+                             param="continue_final_message")
+    if last.tool_calls:
+        raise RequestInvalid("Cannot continue an assistant message that contains tool calls.",
+                             param="messages")
+    return messages[:-1], last.content, True
