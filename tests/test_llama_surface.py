@@ -4,10 +4,12 @@ the default model, normalised embeddings, native /completion, logprobs, n > 1, s
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -24,7 +26,8 @@ def single(tmp_path_factory: pytest.TempPathFactory, models_dir: Path,
     """A daemon with exactly one model: requests without `model` go to it."""
     config = tmp_path_factory.mktemp("single") / "c.toml"
     config.write_text(f'[server]\nmodels_dirs = []\napi_keys = ["sk-test-key"]\n\n'
-                      f'[models.only]\nsource = "{models_dir / "tiny-a.gguf"}"\nn_ctx = 256\n')
+                      f'[models.only]\nsource = "{models_dir / "tiny-a.gguf"}"\nn_ctx = 256\n'
+                      'options = { n_batch = 16 }\n')  # a prompt is read over several steps
     with Daemon("--config", str(config), env=isolated_env) as d:
         yield d
 
@@ -163,6 +166,36 @@ def test_logit_bias_as_llama_server_reads_it(daemon: Daemon) -> None:
     plain = tokens(NO_EOS)
     banned = tokens({**NO_EOS, str(plain[0]): False})
     assert banned[0] != plain[0] and plain[0] not in banned
+
+
+def progress_of(d: Daemon, path: str, body: dict[str, object]) -> tuple[list[dict[str, int]], list[Any]]:
+    with auth(d) as c, c.stream("POST", path, json=body) as r:
+        assert r.status_code == 200
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    return [e["prompt_progress"] for e in events if "prompt_progress" in e], events
+
+
+def test_return_progress_reports_the_prompt_as_it_is_read(single: Daemon) -> None:
+    """llama-server's return_progress, which its web UI asks for on every stream."""
+    messages = [{"role": "user", "content": "Progress, reported batch by batch. " * 8}]
+    body = {"messages": messages, "max_tokens": 4, "stream": True, "return_progress": True}
+    first, events = progress_of(single, "/v1/chat/completions", body)
+    assert len(first) >= 3, first  # at admission, then after each of several batches of 16
+    assert first[0]["processed"] == first[0]["cache"]
+    assert all(p["total"] == first[0]["total"] and p["cache"] == first[0]["cache"] for p in first)
+    assert all(b["processed"] > a["processed"] for a, b in itertools.pairwise(first))
+    assert first[-1]["processed"] == first[-1]["total"]
+    shown = [e for e in events if "prompt_progress" in e]
+    assert all(e["choices"][0]["delta"] == {"role": "assistant", "content": None} for e in shown)
+    texts = [i for i, e in enumerate(events) if e["choices"] and e["choices"][0]["delta"].get("content")]
+    assert texts and max(events.index(e) for e in shown) < texts[0]  # all before the first text
+    again, _ = progress_of(single, "/v1/chat/completions", body)  # the slot holds this prompt now
+    assert again[0]["cache"] >= first[-1]["total"] - 1 and len(again) <= 2
+    native, _ = progress_of(single, "/completion", {"prompt": "Read in batches. " * 10, "n_predict": 2,
+                                                    "stream": True, "return_progress": True})
+    assert len(native) >= 3 and native[-1]["processed"] == native[-1]["total"]
+    quiet, _ = progress_of(single, "/v1/chat/completions", {**body, "return_progress": False})
+    assert quiet == []
 
 
 def test_embeddings_are_l2_normalised_unless_asked_otherwise(daemon: Daemon) -> None:

@@ -77,6 +77,7 @@ class SeqStats:
     restored: bool = False  # the cached part came from the RAM cache
     admitted_at: float = 0.0  # perf_counter seconds
     prompt_done_at: float = 0.0
+    read: int = 0  # of the evaluated tokens, how many have been decoded so far
 
 
 @dataclass(frozen=True)

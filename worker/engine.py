@@ -29,7 +29,7 @@ from protocol.messages import (
 from worker.backend import Backend, Sampled
 from worker.choice import Choice
 from worker.endpoints import Endpoints, Immediate, SeqProgress
-from worker.outputs import Finish, Timings, Usage
+from worker.outputs import Finish, PromptProgress, Timings, Usage
 from worker.reply import Job, Reply, Sink
 from worker.schema import RequestInvalid
 from worker.streams import StreamStore
@@ -242,6 +242,8 @@ class Engine:
             stats = batcher.stats(handles[0])
             reply.head(200, gen.renderer.content_type)
             job.out.append(gen.renderer.start(len(gen.prompt.tokens), stats.cached))
+            if gen.task.return_progress:
+                self._report_progress(job, handles[0])
             backend = self._backend
             for i, handle in enumerate(handles):
                 choice = Choice(i, handle, gen.parser(), gen.stops, backend.decoder(), backend.piece,
@@ -274,6 +276,10 @@ class Engine:
             for job in {id(j): j for j in self._jobs_by_handle.values()}.values():
                 self._fail(job, ErrorKind.INTERNAL, f"generation failed: {exc}")
             return
+        for handle, job in list(self._jobs_by_handle.items()):
+            gen = job.gen
+            if gen is not None and gen.task.return_progress and job.choices[0].handle == handle:
+                self._report_progress(job, handle)
         touched: dict[int, Job] = {}
         for s in sampled:
             owner = self._jobs_by_handle.get(s.handle)
@@ -283,6 +289,20 @@ class Engine:
             touched[owner.req_id] = owner
         for job in touched.values():
             self._flush(job)
+
+    def _report_progress(self, job: Job, handle: int) -> None:
+        """llama-server's prompt_progress: once when the request takes its slot (what the
+        cache gave), then after each decode that read more of its prompt, up to all of it."""
+        gen = job.gen
+        assert gen is not None
+        stats = self._backend.batcher.stats(handle)
+        processed = stats.cached + stats.read
+        if processed <= job.progress_sent:
+            return
+        job.progress_sent = processed
+        elapsed = int((time.perf_counter() - stats.admitted_at) * 1e3)
+        job.out.append(gen.renderer.progress(PromptProgress(stats.cached + stats.evaluated, stats.cached,
+                                                            processed, elapsed)))
 
     def _token(self, job: Job, choice: Choice, s: Sampled) -> None:
         gen = job.gen

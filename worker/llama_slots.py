@@ -199,6 +199,7 @@ class LlamaSlots:
                 rows.append(slot)
         budget = self.n_batch - n
         prompt_done: list[_Slot] = []
+        chunks: list[tuple[_Slot, int]] = []
         for slot in sorted((s for s in self._slots if s.handle is not None and s.pending
                             and s.handle not in paused), key=lambda s: s.last_used):
             if budget <= 0:
@@ -209,6 +210,7 @@ class LlamaSlots:
             slot.tokens.extend(chunk)
             slot.saved = False
             del slot.pending[: len(chunk)]
+            chunks.append((slot, len(chunk)))
             budget -= len(chunk)
             if last:
                 rows.append(slot)
@@ -220,6 +222,8 @@ class LlamaSlots:
         if code != 0:
             raise DecodeError(f"llama_decode returned {code}")
         now = time.perf_counter()
+        for slot, count in chunks:
+            slot.stats.read += count
         for slot in prompt_done:
             slot.stats.prompt_done_at = now
             for fork in slot.forks:  # n > 1: the other choices start from this prompt's cache

@@ -193,6 +193,7 @@ class MlxSlots:
             if seq is None:
                 continue
             seq.held = seq.stats.cached + int(p.progress[0])
+            seq.stats.read = int(p.progress[0])
             if p.end_of_prompt:
                 seq.stats.prompt_done_at = now
             elif p.end_of_segment:  # all but the prompt's last token read (see admit)

@@ -11,9 +11,9 @@ import msgspec
 from msgspec import UNSET, UnsetType
 
 from protocol.errors import ErrorKind
-from worker.openai_api import JSON, SSE, logprob_entry, timings
-from worker.openai_wire import LogprobOut, TimingsOut
-from worker.outputs import Delta, Finish, Text, TokenLogprob
+from worker.openai_api import JSON, SSE, logprob_entry, progress_out, timings
+from worker.openai_wire import LogprobOut, PromptProgressOut, TimingsOut
+from worker.outputs import Delta, Finish, PromptProgress, Text, TokenLogprob
 
 _json = msgspec.json.Encoder()
 
@@ -27,6 +27,7 @@ class _Partial(msgspec.Struct):
     tokens_predicted: int = 0
     tokens_evaluated: int = 0
     completion_probabilities: list[LogprobOut] | UnsetType = UNSET
+    prompt_progress: PromptProgressOut | UnsetType = UNSET
 
 
 class _Final(msgspec.Struct):
@@ -81,6 +82,10 @@ class NativeRenderer:
 
     def start(self, prompt_tokens: int, cached_tokens: int) -> bytes:
         return b""
+
+    def progress(self, p: PromptProgress) -> bytes:
+        part = _Partial("", [], False, tokens_evaluated=self._n_prompt, prompt_progress=progress_out(p))
+        return b"data: " + _json.encode(part) + b"\n\n"
 
     def delta(self, choice: int, d: Delta) -> bytes:
         if not isinstance(d, Text):

@@ -20,7 +20,16 @@ import msgspec
 
 from protocol.errors import ErrorKind, error_body
 from worker import openai_wire as w
-from worker.outputs import Delta, Finish, Reasoning, Text, TokenLogprob, ToolCallArgs, ToolCallBegin
+from worker.outputs import (
+    Delta,
+    Finish,
+    PromptProgress,
+    Reasoning,
+    Text,
+    TokenLogprob,
+    ToolCallArgs,
+    ToolCallBegin,
+)
 from worker.schema import ChatRequest, CompletionRequest, RequestInvalid, message_text
 from worker.schema import Sampling as SamplingFields
 from worker.task import Message, Sampling, Task, Tool, ToolCall, ToolChoice, continuation
@@ -171,6 +180,7 @@ def chat_task(req: ChatRequest, vocab: Vocab, conversation: str | None) -> Task:
         reasoning=TaskReasoning(enabled, reasoning_format),
         cache_prompt=req.cache_prompt, chat_template_kwargs=tuple(kwargs.items()),
         add_generation_prompt=generation_prompt, stream=bool(req.stream),
+        return_progress=bool(req.stream) and req.return_progress,
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
         conversation=conversation)
 
@@ -211,6 +221,7 @@ def completion_task(req: CompletionRequest, vocab: Vocab, conversation: str | No
     return Task(prompt=prompt, max_tokens=max_tokens(req), stop=stops(req), sampling=sampling(req, vocab),
                 n=req.n, logprobs=req.logprobs, grammar=req.grammar, json_schema=req.json_schema,
                 cache_prompt=req.cache_prompt, stream=bool(req.stream),
+                return_progress=bool(req.stream) and req.return_progress,
                 include_usage=bool(req.stream_options and req.stream_options.include_usage),
                 conversation=conversation)
 
@@ -224,6 +235,10 @@ def usage(finishes: list[Finish]) -> w.UsageOut:
     return w.UsageOut(first.prompt_tokens, completion, first.prompt_tokens + completion,
                       w.PromptDetails(first.cached_tokens),
                       w.CompletionDetails(sum(f.usage.reasoning_tokens for f in finishes)))
+
+
+def progress_out(p: PromptProgress) -> w.PromptProgressOut:
+    return w.PromptProgressOut(p.total, p.cache, p.processed, p.time_ms)
 
 
 def timings(f: Finish) -> w.TimingsOut:
@@ -273,6 +288,15 @@ class ChatRenderer:
 
     def start(self, prompt_tokens: int, cached_tokens: int) -> bytes:
         return b""
+
+    def progress(self, p: PromptProgress) -> bytes:
+        """llama-server's progress chunk: an empty assistant delta carrying prompt_progress."""
+        chunk = w.ChatChunk(self._id, self._created, self._model, SYSTEM_FINGERPRINT,
+                            [w.ChunkChoice(0, w.ChatDelta(role="assistant", content=None))],
+                            prompt_progress=progress_out(p))
+        if self._task.include_usage:
+            chunk.usage = None
+        return b"data: " + _json.encode(chunk) + b"\n\n"
 
     def delta(self, choice: int, d: Delta) -> bytes:
         c = self._choices[choice]
@@ -369,6 +393,13 @@ class CompletionRenderer:
 
     def start(self, prompt_tokens: int, cached_tokens: int) -> bytes:
         return b""
+
+    def progress(self, p: PromptProgress) -> bytes:
+        body = w.TextCompletion(self._id, self._created, self._model, SYSTEM_FINGERPRINT,
+                                [w.TextChoice(0, "", None, None)], prompt_progress=progress_out(p))
+        if self._task.include_usage:
+            body.usage = None
+        return b"data: " + _json.encode(body) + b"\n\n"
 
     def delta(self, choice: int, d: Delta) -> bytes:
         if not isinstance(d, Text):

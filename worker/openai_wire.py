@@ -129,6 +129,13 @@ class ChatCompletion(msgspec.Struct):
     object: str = "chat.completion"
 
 
+class PromptProgressOut(msgspec.Struct):
+    total: int
+    cache: int
+    processed: int
+    time_ms: int
+
+
 class ChatChunk(msgspec.Struct):
     id: str
     created: int
@@ -138,6 +145,7 @@ class ChatChunk(msgspec.Struct):
     object: str = "chat.completion.chunk"
     usage: UsageOut | UnsetType | None = UNSET
     timings: TimingsOut | UnsetType = UNSET
+    prompt_progress: PromptProgressOut | UnsetType = UNSET
 
 
 class TextCompletion(msgspec.Struct):
@@ -149,6 +157,7 @@ class TextCompletion(msgspec.Struct):
     object: str = "text_completion"
     usage: UsageOut | UnsetType | None = UNSET
     timings: TimingsOut | UnsetType = UNSET
+    prompt_progress: PromptProgressOut | UnsetType = UNSET
 
 
 class EmbeddingOut(msgspec.Struct):

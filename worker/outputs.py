@@ -66,6 +66,16 @@ Delta = Text | Reasoning | ToolCallBegin | ToolCallArgs
 
 
 @dataclass(frozen=True)
+class PromptProgress:
+    """How far a prompt has been read: llama-server's `prompt_progress` (return_progress)."""
+
+    total: int  # prompt tokens
+    cache: int  # of them, taken from a cache
+    processed: int  # read so far, the cached ones included
+    time_ms: int  # since the request took its slot
+
+
+@dataclass(frozen=True)
 class Usage:
     prompt_tokens: int
     completion_tokens: int

@@ -69,6 +69,7 @@ class Job:
     choices: list[Choice] = field(default_factory=list)
     out: list[bytes] = field(default_factory=list)  # bytes of this step, sent once per step
     received: float = field(default_factory=time.perf_counter)
+    progress_sent: int = -1  # return_progress: prompt tokens reported read (-1: none yet)
     first_token_ms: float = 0.0  # the first choice's, for ResponseEnd
     predicted_ms: float = 0.0
 

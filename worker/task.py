@@ -102,6 +102,7 @@ class Task:
     # with its text, and the answer carries only what the model writes after it.
     prefill: str | None = None
     stream: bool = False
+    return_progress: bool = False  # stream llama-server's prompt_progress while the prompt is read
     include_usage: bool = False
     conversation: str | None = None  # X-Conversation-Id's stream key: prefer its slot
 
