@@ -198,6 +198,30 @@ def test_return_progress_reports_the_prompt_as_it_is_read(single: Daemon) -> Non
     assert quiet == []
 
 
+def test_timings_per_token_on_every_chunk(single: Daemon) -> None:
+    """llama-server's timings_per_token, which its web UI asks for to show the speed live."""
+    body = {"messages": [{"role": "user", "content": "Timed token by token. " * 6}], "max_tokens": 6,
+            "stream": True, "timings_per_token": True, "return_progress": True, "logit_bias": NO_EOS,
+            "temperature": 0}  # the same tokens every run: one text chunk per token
+    _, events = progress_of(single, "/v1/chat/completions", body)
+    shown = [e for e in events if "prompt_progress" in e]
+    assert shown[0]["timings"]["prompt_n"] == 0 and shown[0]["timings"]["prompt_ms"] == 0.0
+    assert [e["timings"]["prompt_n"] for e in shown] == [p["prompt_progress"]["processed"]
+                                                         - p["prompt_progress"]["cache"] for p in shown]
+    texts = [e for e in events if e["choices"] and e["choices"][0]["delta"].get("content")]
+    assert len(texts) == 6 and all("timings" in e for e in texts)
+    assert [e["timings"]["predicted_n"] for e in texts] == [1, 2, 3, 4, 5, 6]
+    ms = [e["timings"]["predicted_ms"] for e in texts]
+    assert ms == sorted(ms) and texts[-1]["timings"]["prompt_n"] == shown[-1]["timings"]["prompt_n"]
+    _, native = progress_of(single, "/completion", {"prompt": "Timed.", "n_predict": 3, "stream": True,
+                                                    "timings_per_token": True, "logit_bias": NO_EOS,
+                                                    "temperature": 0})
+    assert [e["timings"]["predicted_n"] for e in native if e.get("content")] == [1, 2, 3]
+    _, plain = progress_of(single, "/v1/chat/completions", {**body, "timings_per_token": False,
+                                                             "return_progress": False})
+    assert sum("timings" in e for e in plain) == 1  # on the last chunk only
+
+
 def test_embeddings_are_l2_normalised_unless_asked_otherwise(daemon: Daemon) -> None:
     with daemon.client() as c:
         unit = c.post("/v1/embeddings", json={"model": "tiny-a", "input": ["hello", ""]}).json()["data"]

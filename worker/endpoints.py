@@ -22,7 +22,7 @@ from worker import messages_api, native_api, openai_api, responses_api
 from worker import openai_wire as w
 from worker.backend import Backend, LazyGrammar, Prompt, SeqSpec
 from worker.choice import OutputParser, PlainText
-from worker.outputs import Delta, Finish, PromptProgress
+from worker.outputs import Delta, Finish, PromptProgress, Timings
 from worker.schema import (
     ChatRequest,
     CompletionRequest,
@@ -53,7 +53,8 @@ class Renderer(Protocol):
     content_type: str
 
     def start(self, prompt_tokens: int, cached_tokens: int) -> bytes: ...
-    def progress(self, p: PromptProgress) -> bytes: ...
+    def progress(self, p: PromptProgress, t: Timings | None) -> bytes: ...
+    def live(self, choice: int, t: Timings) -> None: ...  # timings for its next chunks
     def delta(self, choice: int, d: Delta) -> bytes: ...
     def finish(self, choice: int, f: Finish) -> bytes: ...
     def end(self) -> bytes: ...
@@ -162,7 +163,8 @@ class Endpoints:
                     grammar=req.grammar,
                     json_schema=req.json_schema,
                     cache_prompt=req.cache_prompt, stream=bool(req.stream),
-                    return_progress=bool(req.stream) and req.return_progress, conversation=key)
+                    return_progress=bool(req.stream) and req.return_progress,
+                    timings_per_token=bool(req.stream) and req.timings_per_token, conversation=key)
         renderer = native_api.NativeRenderer(self._model, self._backend.detokenize(prompt.tokens),
                                              len(prompt.tokens), bool(req.stream), n_probs, req.return_tokens,
                                              task.n)
@@ -457,8 +459,11 @@ class _SingleChoice:
         out: bytes = (self._r.start(prompt_tokens, cached_tokens) if self._anthropic else self._r.start())
         return out
 
-    def progress(self, p: PromptProgress) -> bytes:
+    def progress(self, p: PromptProgress, t: Timings | None) -> bytes:
         return b""  # these APIs have no event for it (llama-server's return_progress is its own)
+
+    def live(self, choice: int, t: Timings) -> None:
+        pass
 
     def delta(self, choice: int, d: Delta) -> bytes:
         if not self._stream:

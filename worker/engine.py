@@ -26,7 +26,7 @@ from protocol.messages import (
     StoredTurn,
     WorkerStatus,
 )
-from worker.backend import Backend, Sampled
+from worker.backend import Backend, Sampled, SeqStats
 from worker.choice import Choice
 from worker.endpoints import Endpoints, Immediate, SeqProgress
 from worker.outputs import Finish, PromptProgress, Timings, Usage
@@ -300,9 +300,21 @@ class Engine:
         if processed <= job.progress_sent:
             return
         job.progress_sent = processed
-        elapsed = int((time.perf_counter() - stats.admitted_at) * 1e3)
+        now = time.perf_counter()
+        elapsed = int((now - stats.admitted_at) * 1e3)
+        live = None
+        if gen.task.timings_per_token:  # nothing read yet: nothing timed yet
+            live = Timings(stats.read, (now - stats.admitted_at) * 1e3 if stats.read else 0.0, 0, 0.0,
+                           stats.cached)
         job.out.append(gen.renderer.progress(PromptProgress(stats.cached + stats.evaluated, stats.cached,
-                                                            processed, elapsed)))
+                                                            processed, elapsed), live))
+
+    def _timings(self, choice: Choice, now: float, stats: SeqStats | None = None) -> Timings:
+        """llama-server's timings of a choice so far: its prompt, then what it generated."""
+        stats = stats or self._backend.batcher.stats(choice.handle)
+        done_at = stats.prompt_done_at or now
+        return Timings(stats.evaluated, (done_at - stats.admitted_at) * 1e3, choice.count,
+                       (now - done_at) * 1e3, stats.cached)
 
     def _token(self, job: Job, choice: Choice, s: Sampled) -> None:
         gen = job.gen
@@ -312,6 +324,8 @@ class Engine:
             return
         step = choice.token(s.token, s.probs)
         renderer = gen.renderer
+        if gen.task.timings_per_token:
+            renderer.live(choice.index, self._timings(choice, time.perf_counter()))
         for d in step.deltas:
             job.out.append(renderer.delta(choice.index, d))
         if step.stop is not None:
@@ -331,8 +345,7 @@ class Engine:
             job.out.append(gen.renderer.delta(choice.index, d))
         now = time.perf_counter()
         done_at = stats.prompt_done_at or now
-        timings = Timings(stats.evaluated, (done_at - stats.admitted_at) * 1e3, choice.count,
-                          (now - done_at) * 1e3, stats.cached)
+        timings = self._timings(choice, now, stats)
         usage = Usage(len(gen.prompt.tokens), choice.count, stats.cached, choice.reasoning_tokens)
         if choice.index == 0:
             job.first_token_ms = (done_at - job.received) * 1e3

@@ -11,9 +11,9 @@ import msgspec
 from msgspec import UNSET, UnsetType
 
 from protocol.errors import ErrorKind
-from worker.openai_api import JSON, SSE, logprob_entry, progress_out, timings
+from worker.openai_api import JSON, SSE, logprob_entry, progress_out, timings, timings_out
 from worker.openai_wire import LogprobOut, PromptProgressOut, TimingsOut
-from worker.outputs import Delta, Finish, PromptProgress, Text, TokenLogprob
+from worker.outputs import Delta, Finish, PromptProgress, Text, Timings, TokenLogprob
 
 _json = msgspec.json.Encoder()
 
@@ -28,6 +28,7 @@ class _Partial(msgspec.Struct):
     tokens_evaluated: int = 0
     completion_probabilities: list[LogprobOut] | UnsetType = UNSET
     prompt_progress: PromptProgressOut | UnsetType = UNSET
+    timings: TimingsOut | UnsetType = UNSET
 
 
 class _Final(msgspec.Struct):
@@ -79,13 +80,19 @@ class NativeRenderer:
         self._logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
         self._tokens: list[list[int]] = [[] for _ in range(n)]
         self._finals: list[_Final | None] = [None] * n
+        self._live: list[TimingsOut | None] = [None] * n
 
     def start(self, prompt_tokens: int, cached_tokens: int) -> bytes:
         return b""
 
-    def progress(self, p: PromptProgress) -> bytes:
+    def progress(self, p: PromptProgress, t: Timings | None) -> bytes:
         part = _Partial("", [], False, tokens_evaluated=self._n_prompt, prompt_progress=progress_out(p))
+        if t is not None:
+            part.timings = timings_out(t)
         return b"data: " + _json.encode(part) + b"\n\n"
+
+    def live(self, choice: int, t: Timings) -> None:
+        self._live[choice] = timings_out(t)
 
     def delta(self, choice: int, d: Delta) -> bytes:
         if not isinstance(d, Text):
@@ -100,6 +107,9 @@ class NativeRenderer:
                         tokens_predicted=len(self._texts[choice]), tokens_evaluated=self._n_prompt)
         if self._probs:
             part.completion_probabilities = [logprob_entry(t, native=True) for t in d.logprobs]
+        live = self._live[choice]
+        if live is not None:
+            part.timings = live
         return b"data: " + _json.encode(part) + b"\n\n"
 
     def finish(self, choice: int, f: Finish) -> bytes:

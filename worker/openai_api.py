@@ -26,6 +26,7 @@ from worker.outputs import (
     PromptProgress,
     Reasoning,
     Text,
+    Timings,
     TokenLogprob,
     ToolCallArgs,
     ToolCallBegin,
@@ -181,6 +182,7 @@ def chat_task(req: ChatRequest, vocab: Vocab, conversation: str | None) -> Task:
         cache_prompt=req.cache_prompt, chat_template_kwargs=tuple(kwargs.items()),
         add_generation_prompt=generation_prompt, stream=bool(req.stream),
         return_progress=bool(req.stream) and req.return_progress,
+        timings_per_token=bool(req.stream) and req.timings_per_token,
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
         conversation=conversation)
 
@@ -222,6 +224,7 @@ def completion_task(req: CompletionRequest, vocab: Vocab, conversation: str | No
                 n=req.n, logprobs=req.logprobs, grammar=req.grammar, json_schema=req.json_schema,
                 cache_prompt=req.cache_prompt, stream=bool(req.stream),
                 return_progress=bool(req.stream) and req.return_progress,
+                timings_per_token=bool(req.stream) and req.timings_per_token,
                 include_usage=bool(req.stream_options and req.stream_options.include_usage),
                 conversation=conversation)
 
@@ -242,7 +245,10 @@ def progress_out(p: PromptProgress) -> w.PromptProgressOut:
 
 
 def timings(f: Finish) -> w.TimingsOut:
-    t = f.timings
+    return timings_out(f.timings)
+
+
+def timings_out(t: Timings) -> w.TimingsOut:
     return w.TimingsOut(t.cache_n, t.prompt_n, round(t.prompt_ms, 3), round(t.prompt_per_token_ms, 3),
                         round(t.prompt_per_second, 3), t.predicted_n, round(t.predicted_ms, 3),
                         round(t.predicted_per_token_ms, 3), round(t.predicted_per_second, 3))
@@ -277,6 +283,7 @@ class ChatRenderer:
         self._id = new_id("chatcmpl-")
         self._created = int(time.time())
         self._choices = [_ChatChoice() for _ in range(task.n)]
+        self._live: list[w.TimingsOut | None] = [None] * task.n
         head = _json.encode({"id": self._id, "object": "chat.completion.chunk", "created": self._created,
                              "model": model, "system_fingerprint": SYSTEM_FINGERPRINT})[:-1]
         self._head = head
@@ -289,14 +296,19 @@ class ChatRenderer:
     def start(self, prompt_tokens: int, cached_tokens: int) -> bytes:
         return b""
 
-    def progress(self, p: PromptProgress) -> bytes:
+    def progress(self, p: PromptProgress, t: Timings | None) -> bytes:
         """llama-server's progress chunk: an empty assistant delta carrying prompt_progress."""
         chunk = w.ChatChunk(self._id, self._created, self._model, SYSTEM_FINGERPRINT,
                             [w.ChunkChoice(0, w.ChatDelta(role="assistant", content=None))],
                             prompt_progress=progress_out(p))
+        if t is not None:
+            chunk.timings = timings_out(t)
         if self._task.include_usage:
             chunk.usage = None
         return b"data: " + _json.encode(chunk) + b"\n\n"
+
+    def live(self, choice: int, t: Timings) -> None:
+        self._live[choice] = timings_out(t)
 
     def delta(self, choice: int, d: Delta) -> bytes:
         c = self._choices[choice]
@@ -316,7 +328,7 @@ class ChatRenderer:
         if not c.started:
             c.started = True
             out = self._chunk(choice, w.ChatDelta(role="assistant", content=None))
-        if isinstance(d, Text) and not d.logprobs:
+        if isinstance(d, Text) and not d.logprobs and self._live[choice] is None:
             return out + self._text_prefix[choice] + _json.encode(d.text) + self._text_suffix
         if isinstance(d, Text):
             logprobs = w.ChatLogprobs([logprob_entry(t) for t in d.logprobs])
@@ -372,6 +384,9 @@ class ChatRenderer:
     def _chunk(self, choice: int, delta: w.ChatDelta, logprobs: w.ChatLogprobs | None = None) -> bytes:
         chunk = w.ChatChunk(self._id, self._created, self._model, SYSTEM_FINGERPRINT,
                             [w.ChunkChoice(choice, delta, logprobs)])
+        live = self._live[choice]
+        if live is not None:
+            chunk.timings = live
         if self._task.include_usage:
             chunk.usage = None
         return b"data: " + _json.encode(chunk) + b"\n\n"
@@ -390,16 +405,22 @@ class CompletionRenderer:
         self._texts: list[list[str]] = [[] for _ in range(task.n)]
         self._logprobs: list[list[TokenLogprob]] = [[] for _ in range(task.n)]
         self._finishes: list[Finish | None] = [None] * task.n
+        self._live: list[w.TimingsOut | None] = [None] * task.n
 
     def start(self, prompt_tokens: int, cached_tokens: int) -> bytes:
         return b""
 
-    def progress(self, p: PromptProgress) -> bytes:
+    def progress(self, p: PromptProgress, t: Timings | None) -> bytes:
         body = w.TextCompletion(self._id, self._created, self._model, SYSTEM_FINGERPRINT,
                                 [w.TextChoice(0, "", None, None)], prompt_progress=progress_out(p))
+        if t is not None:
+            body.timings = timings_out(t)
         if self._task.include_usage:
             body.usage = None
         return b"data: " + _json.encode(body) + b"\n\n"
+
+    def live(self, choice: int, t: Timings) -> None:
+        self._live[choice] = timings_out(t)
 
     def delta(self, choice: int, d: Delta) -> bytes:
         if not isinstance(d, Text):
@@ -409,7 +430,14 @@ class CompletionRenderer:
         if not self._stream:
             return b""
         logprobs = self._legacy(list(d.logprobs), 0) if self._task.logprobs is not None else None
-        return self._out([w.TextChoice(choice, d.text, logprobs, None)])
+        out = w.TextCompletion(self._id, self._created, self._model, SYSTEM_FINGERPRINT,
+                               [w.TextChoice(choice, d.text, logprobs, None)])
+        live = self._live[choice]
+        if live is not None:
+            out.timings = live
+        if self._task.include_usage:
+            out.usage = None
+        return b"data: " + _json.encode(out) + b"\n\n"
 
     def finish(self, choice: int, f: Finish) -> bytes:
         self._finishes[choice] = f

@@ -103,6 +103,7 @@ class Task:
     prefill: str | None = None
     stream: bool = False
     return_progress: bool = False  # stream llama-server's prompt_progress while the prompt is read
+    timings_per_token: bool = False  # llama-server's: `timings` on every streamed chunk
     include_usage: bool = False
     conversation: str | None = None  # X-Conversation-Id's stream key: prefer its slot
 
