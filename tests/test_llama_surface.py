@@ -245,6 +245,23 @@ def test_native_completion_with_token_probabilities(daemon: Daemon) -> None:
     assert set(r["timings"]) >= {"prompt_n", "prompt_ms", "predicted_n", "predicted_ms", "cache_n"}
 
 
+def test_ignore_eos_and_the_generation_settings_of_a_native_completion(daemon: Daemon) -> None:
+    with daemon.client() as c:
+        body = {"model": "tiny-a", "prompt": "hello", "n_predict": 12, "temperature": 0, "stop": ["zz"]}
+        banned = c.post("/completion", json={**body, "ignore_eos": True}).json()
+        plain = c.post("/completion", json=body).json()
+        chat = c.post("/v1/chat/completions", json={"model": "tiny-a", "messages": MSG, "max_tokens": 12,
+                                                    "ignore_eos": True}).json()
+    settings = banned["generation_settings"]
+    assert settings["n_predict"] == 12 and settings["temperature"] == 0 and settings["ignore_eos"] is True
+    assert settings["stop"] == ["zz"] and settings["stream"] is False
+    assert settings["logit_bias"] and all(b["bias"] is None for b in settings["logit_bias"])  # -inf
+    assert banned["tokens_predicted"] == 12 and banned["stop_type"] == "limit"
+    assert plain["generation_settings"]["logit_bias"] == []
+    assert plain["generation_settings"]["ignore_eos"] is False
+    assert chat["usage"]["completion_tokens"] == 12 and chat["choices"][0]["finish_reason"] == "length"
+
+
 def test_logprobs_and_several_choices_with_the_openai_client(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(model="tiny-a", messages=MSG, max_tokens=6, logprobs=True,  # type: ignore[arg-type]
                                        top_logprobs=2, n=2, temperature=1.0, seed=5)

@@ -34,6 +34,7 @@ from worker.schema import (
     TokenizeRequest,
     parse,
 )
+from worker.singlechoice import SingleChoice
 from worker.task import Message, Task
 from worker.toolcalls import ChoiceParser
 from worker.toolformat import (
@@ -96,7 +97,9 @@ class Endpoints:
         self._model = config.name
         self._config = config
         self._info = info
-        self._vocab = openai_api.Vocab(info.n_vocab, lambda text: backend.tokenize(text, add_special=False))
+        self._vocab = openai_api.Vocab(info.n_vocab, lambda text: backend.tokenize(text, add_special=False),
+                                       self._end_tokens)
+        self._eog: tuple[int, ...] | None = None
         self._template = chat_template
         self._format: ToolFormat = detect_format(chat_template)
         # What each running sequence (by slot handle) is at, set by the engine every step;
@@ -165,10 +168,17 @@ class Endpoints:
                     cache_prompt=req.cache_prompt, stream=bool(req.stream),
                     return_progress=bool(req.stream) and req.return_progress,
                     timings_per_token=bool(req.stream) and req.timings_per_token, conversation=key)
+        settings = native_api.request_settings(task, n_probs, req.ignore_eos)
         renderer = native_api.NativeRenderer(self._model, self._backend.detokenize(prompt.tokens),
                                              len(prompt.tokens), bool(req.stream), n_probs, req.return_tokens,
-                                             task.n)
+                                             task.n, settings)
         return self._generation(task, renderer, prompt)
+
+    def _end_tokens(self) -> tuple[int, ...]:
+        """The vocabulary's end-of-generation tokens, found once (a pass over it is ~50 ms)."""
+        if self._eog is None:
+            self._eog = tuple(t for t in range(self._info.n_vocab) if self._backend.is_end(t))
+        return self._eog
 
     def _check_ids(self, tokens: Sequence[int], param: str) -> None:
         bad = [t for t in tokens if not 0 <= t < self._info.n_vocab]
@@ -242,7 +252,7 @@ class Endpoints:
             task = responses_api.with_history(task, options, past)
         task = replace(task, conversation=key)
         renderer = responses_api.ResponsesRenderer(self._model, options)
-        gen = self._generation(task, _SingleChoice(renderer, task.stream), None)
+        gen = self._generation(task, SingleChoice(renderer, task.stream), None)
         gen.response_id = renderer.id
         if options.store:
             gen.stored = lambda: StoredTurn(body, renderer.response_bytes())
@@ -257,7 +267,7 @@ class Endpoints:
         task, options = messages_api.parse(body)
         task = replace(task, conversation=key)
         renderer = messages_api.MessagesRenderer(self._model, options)
-        return self._generation(task, _SingleChoice(renderer, task.stream, anthropic=True), None)
+        return self._generation(task, SingleChoice(renderer, task.stream, anthropic=True), None)
 
     def _count_tokens(self, body: bytes, _k: str | None, _h: Sequence[StoredTurn]) -> Immediate:
         task, _ = messages_api.parse_count_tokens(body)
@@ -441,52 +451,6 @@ def _schema_grammar(schema: dict[str, Any]) -> str:
 
 def _build_info(info: ModelInfo) -> str:
     return f"modelherd ({info.backend})"
-
-
-class _SingleChoice:
-    """A one-choice renderer (Responses, Messages) seen as the engine's choice-indexed one."""
-
-    def __init__(self, renderer: Any, stream: bool, anthropic: bool = False) -> None:
-        self._r = renderer
-        self._stream = stream
-        self._anthropic = anthropic
-        self.content_type = openai_api.SSE if stream else JSON
-        self._deltas: list[Delta] = []
-
-    def start(self, prompt_tokens: int, cached_tokens: int) -> bytes:
-        if not self._stream:
-            return b""
-        out: bytes = (self._r.start(prompt_tokens, cached_tokens) if self._anthropic else self._r.start())
-        return out
-
-    def progress(self, p: PromptProgress, t: Timings | None) -> bytes:
-        return b""  # these APIs have no event for it (llama-server's return_progress is its own)
-
-    def live(self, choice: int, t: Timings) -> None:
-        pass
-
-    def delta(self, choice: int, d: Delta) -> bytes:
-        if not self._stream:
-            self._deltas.append(d)
-            return b""
-        out: bytes = self._r.delta(d)
-        return out
-
-    def finish(self, choice: int, f: Finish) -> bytes:
-        if not self._stream:
-            if self._anthropic:
-                self._r.start(f.usage.prompt_tokens, f.usage.cached_tokens)
-            self._body: bytes = self._r.body(self._deltas, f)
-            return b""
-        out: bytes = self._r.finish(f)
-        return out
-
-    def end(self) -> bytes:
-        return b"" if self._stream else self._body
-
-    def fail(self, kind: ErrorKind, message: str) -> bytes:
-        out: bytes = self._r.fail(kind, message)
-        return out
 
 
 _HANDLERS: dict[Endpoint, Callable[[Endpoints, bytes, str | None, Sequence[StoredTurn]],

@@ -14,6 +14,7 @@ from protocol.errors import ErrorKind
 from worker.openai_api import JSON, SSE, logprob_entry, progress_out, timings, timings_out
 from worker.openai_wire import LogprobOut, PromptProgressOut, TimingsOut
 from worker.outputs import Delta, Finish, PromptProgress, Text, Timings, TokenLogprob
+from worker.task import Task
 
 _json = msgspec.json.Encoder()
 
@@ -48,6 +49,7 @@ class _Final(msgspec.Struct):
     tokens_cached: int
     timings: TimingsOut
     completion_probabilities: list[LogprobOut] | UnsetType = UNSET
+    generation_settings: RequestSettings | UnsetType = UNSET
 
 
 class _ErrorDetail(msgspec.Struct):
@@ -68,8 +70,9 @@ class NativeRenderer:
     """/completion and /infill: one choice (or n), llama-server's native JSON."""
 
     def __init__(self, model: str, prompt_text: str, prompt_tokens: int, stream: bool, n_probs: int,
-                 return_tokens: bool, n: int = 1) -> None:
+                 return_tokens: bool, n: int = 1, settings: RequestSettings | None = None) -> None:
         self._model = model
+        self._settings = settings
         self._prompt = prompt_text
         self._n_prompt = prompt_tokens
         self._stream = stream
@@ -122,6 +125,8 @@ class NativeRenderer:
                        timings(f))
         if self._probs and not self._stream:
             final.completion_probabilities = [logprob_entry(t, native=True) for t in self._logprobs[choice]]
+        if self._settings is not None:
+            final.generation_settings = self._settings
         self._finals[choice] = final
         return b"data: " + _json.encode(final) + b"\n\n" if self._stream else b""
 
@@ -191,10 +196,13 @@ class Modalities(msgspec.Struct):
     audio: bool = False
 
 
+NO_SEED = 4294967295  # llama.cpp's LLAMA_DEFAULT_SEED: a random one
+
+
 class SamplingParams(msgspec.Struct):
     """default_generation_settings.params: llama.cpp's sampling defaults, as /props shows them."""
 
-    seed: int = 4294967295
+    seed: int = NO_SEED
     temperature: float = 0.8
     dynatemp_range: float = 0.0
     dynatemp_exponent: float = 1.0
@@ -229,6 +237,31 @@ class SamplingParams(msgspec.Struct):
         "penalties", "top_k", "top_p", "min_p", "temperature"])
     timings_per_token: bool = False
     post_sampling_probs: bool = False
+
+
+class BiasOut(msgspec.Struct):
+    bias: float  # -inf (a banned token) is written as null, as llama-server writes it
+    token: int
+
+
+class RequestSettings(SamplingParams, kw_only=True):
+    """A request's generation_settings, in a native completion's final result."""
+
+    logit_bias: list[BiasOut] = []
+    stop: list[str] = []
+    grammar: str = ""
+
+
+def request_settings(task: Task, n_probs: int, ignore_eos: bool) -> RequestSettings:
+    s = task.sampling
+    limit = task.max_tokens if task.max_tokens is not None else -1
+    return RequestSettings(
+        seed=s.seed if s.seed is not None else NO_SEED, temperature=s.temperature,
+        top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, repeat_penalty=s.repeat_penalty,
+        presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty, max_tokens=limit,
+        n_predict=limit, ignore_eos=ignore_eos, stream=task.stream, n_probs=n_probs,
+        timings_per_token=task.timings_per_token, logit_bias=[BiasOut(b, t) for t, b in s.logit_bias],
+        stop=list(task.stop), grammar=task.grammar or "")
 
 
 class GenerationSettings(msgspec.Struct):

@@ -78,6 +78,7 @@ class Vocab:
 
     n: int
     tokenize: Callable[[str], list[int]]  # text, without special tokens
+    end_tokens: Callable[[], tuple[int, ...]]  # every end-of-generation token
 
 
 def logit_biases(raw: dict[str, float | bool] | list[tuple[int | str, float | bool]] | None,
@@ -112,7 +113,9 @@ def sampling(req: SamplingFields, vocab: Vocab) -> Sampling:
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
         repeat_penalty=req.repeat_penalty or d.repeat_penalty,
-        logit_bias=logit_biases(req.logit_bias, vocab),
+        # ignore_eos bans the end tokens with -inf biases, as llama-server does (and shows)
+        logit_bias=logit_biases(req.logit_bias, vocab)
+        + (tuple((t, -math.inf) for t in vocab.end_tokens()) if req.ignore_eos else ()),
     )
 
 

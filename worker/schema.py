@@ -126,6 +126,7 @@ class Sampling(msgspec.Struct, kw_only=True):
     cache_prompt: bool = True
     timings_per_token: bool = False
     return_progress: bool = False
+    ignore_eos: bool = False  # llama-server's: the end-of-generation tokens are banned
 
 
 class ChatRequest(Sampling, kw_only=True):
