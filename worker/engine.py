@@ -35,6 +35,8 @@ from worker.schema import RequestInvalid
 from worker.streams import StreamStore
 
 log = logging.getLogger("modelherd.worker.engine")
+# A sequence's bytes go to the router at most this often (its last ones at once).
+COALESCE_S = 0.001
 
 
 class Engine:
@@ -276,21 +278,27 @@ class Engine:
             for job in {id(j): j for j in self._jobs_by_handle.values()}.values():
                 self._fail(job, ErrorKind.INTERNAL, f"generation failed: {exc}")
             return
+        touched: dict[int, Job] = {}
         for handle, job in list(self._jobs_by_handle.items()):
             gen = job.gen
             if gen is not None and gen.task.return_progress and job.choices[0].handle == handle:
-                self._report_progress(job, handle)
-        touched: dict[int, Job] = {}
+                if self._report_progress(job, handle):
+                    touched[job.req_id] = job
         for s in sampled:
             owner = self._jobs_by_handle.get(s.handle)
             if owner is None:
                 continue
             self._token(owner, self._running[s.handle], s)
             touched[owner.req_id] = owner
+        # Once the first tokens are out, tokens that come faster than one a millisecond go out
+        # together: one message per token would cost the router more CPU than a fast model
+        # spends making it.
+        now = time.perf_counter()
         for job in touched.values():
-            self._flush(job)
+            if not job.tokens_flushed or now - job.flushed_at >= COALESCE_S:
+                self._flush(job)
 
-    def _report_progress(self, job: Job, handle: int) -> None:
+    def _report_progress(self, job: Job, handle: int) -> bool:
         """llama-server's prompt_progress: once when the request takes its slot (what the
         cache gave), then after each decode that read more of its prompt, up to all of it."""
         gen = job.gen
@@ -298,7 +306,7 @@ class Engine:
         stats = self._backend.batcher.stats(handle)
         processed = stats.cached + stats.read
         if processed <= job.progress_sent:
-            return
+            return False
         job.progress_sent = processed
         now = time.perf_counter()
         elapsed = int((now - stats.admitted_at) * 1e3)
@@ -308,6 +316,7 @@ class Engine:
                            stats.cached)
         job.out.append(gen.renderer.progress(PromptProgress(stats.cached + stats.evaluated, stats.cached,
                                                             processed, elapsed), live))
+        return True
 
     def _timings(self, choice: Choice, now: float, stats: SeqStats | None = None) -> Timings:
         """llama-server's timings of a choice so far: its prompt, then what it generated."""
@@ -387,6 +396,8 @@ class Engine:
         if job.out:
             data = b"".join(job.out)
             job.out.clear()
+            job.flushed_at = time.perf_counter()
+            job.tokens_flushed = job.tokens_flushed or any(c.count for c in job.choices)
             self._replies[job.req_id].chunk(data)
 
     # ---- stopping requests ---------------------------------------------------------------

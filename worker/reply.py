@@ -70,6 +70,8 @@ class Job:
     out: list[bytes] = field(default_factory=list)  # bytes of this step, sent once per step
     received: float = field(default_factory=time.perf_counter)
     progress_sent: int = -1  # return_progress: prompt tokens reported read (-1: none yet)
+    flushed_at: float = 0.0  # perf_counter of its last bytes handed to the Reply
+    tokens_flushed: bool = False  # bytes made by generated tokens went out (coalescing may start)
     first_token_ms: float = 0.0  # the first choice's, for ResponseEnd
     predicted_ms: float = 0.0
 
