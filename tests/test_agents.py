@@ -209,12 +209,18 @@ def test_messages_tool_round_trip(claude: anthropic.Anthropic) -> None:
     assert m.stop_reason == "tool_use"
     use = next(b for b in m.content if b.type == "tool_use")
     assert use.name == "get_weather" and isinstance(use.input, dict) and "city" in use.input
+    # tool_choice none: the answer must be prose (with tools on, this small model sometimes
+    # calls again, at random at Anthropic's default temperature of 1), and greedy.
     followup = claude.messages.create(model="smol", max_tokens=40, tools=[CLAUDE_TOOL],  # type: ignore[list-item]
+                                      tool_choice={"type": "none"},
                                       messages=[*ask, {"role": "assistant", "content": m.content},  # type: ignore[list-item]
                                                 {"role": "user", "content": [{
                                                     "type": "tool_result", "tool_use_id": use.id,
-                                                    "content": "Sunny, 24 degrees."}]}])
+                                                    "content": "Sunny, 24 degrees."}]}],
+                                      extra_body={"temperature": 0})
     assert followup.stop_reason in ("end_turn", "max_tokens")
+    text = "".join(b.text for b in followup.content if b.type == "text")
+    assert "24" in text or "sunny" in text.lower(), text  # the tool's result reached the model
 
 
 def test_messages_errors_are_anthropics(claude: anthropic.Anthropic, agents: Daemon) -> None:
