@@ -210,6 +210,8 @@ def test_timings_per_token_on_every_chunk(single: Daemon) -> None:
                                                          - p["prompt_progress"]["cache"] for p in shown]
     texts = [e for e in events if e["choices"] and e["choices"][0]["delta"].get("content")]
     assert len(texts) == 6 and all("timings" in e for e in texts)
+    roles = [e for e in events if e not in shown and e["choices"] and "role" in e["choices"][0]["delta"]]
+    assert len(roles) == 1 and "timings" not in roles[0]  # llama-server's role chunk has none
     assert [e["timings"]["predicted_n"] for e in texts] == [1, 2, 3, 4, 5, 6]
     ms = [e["timings"]["predicted_ms"] for e in texts]
     assert ms == sorted(ms) and texts[-1]["timings"]["prompt_n"] == shown[-1]["timings"]["prompt_n"]

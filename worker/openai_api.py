@@ -330,7 +330,8 @@ class ChatRenderer:
         out = b""
         if not c.started:
             c.started = True
-            out = self._chunk(choice, w.ChatDelta(role="assistant", content=None))
+            # as llama-server: the role chunk carries no timings, the text's chunks do
+            out = self._chunk(choice, w.ChatDelta(role="assistant", content=None), timed=False)
         if isinstance(d, Text) and not d.logprobs and self._live[choice] is None:
             return out + self._text_prefix[choice] + _json.encode(d.text) + self._text_suffix
         if isinstance(d, Text):
@@ -384,11 +385,12 @@ class ChatRenderer:
     def fail(self, kind: ErrorKind, message: str) -> bytes:
         return b"data: " + error_body(kind, message) + b"\n\n"
 
-    def _chunk(self, choice: int, delta: w.ChatDelta, logprobs: w.ChatLogprobs | None = None) -> bytes:
+    def _chunk(self, choice: int, delta: w.ChatDelta, logprobs: w.ChatLogprobs | None = None,
+               timed: bool = True) -> bytes:
         chunk = w.ChatChunk(self._id, self._created, self._model, SYSTEM_FINGERPRINT,
                             [w.ChunkChoice(choice, delta, logprobs)])
         live = self._live[choice]
-        if live is not None:
+        if live is not None and timed:
             chunk.timings = live
         if self._task.include_usage:
             chunk.usage = None
