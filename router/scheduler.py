@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from protocol.errors import ErrorKind
-from router.admission import MIB, Admit, Estimate, Holder, Refuse, Wait, mib, plan
+from router import refusals
+from router.admission import MIB, Admit, Estimate, Holder, Refuse, Wait, plan
 from router.catalog import ModelEntry
 from router.effects import Deny, Effect, EstimateMemory, Grant, Log, StartLoad, Status, Stop
 from router.modelstate import HOLDING, Failure, Model, ModelStatus, Rejection
@@ -132,7 +133,7 @@ class Scheduler:
                              f"{self.waiting} requests are already waiting for models to load "
                              f"(max_waiting {self.settings.max_waiting}); retry later")
         if m.status is ModelStatus.FAILED and not explicit and m.retry_at > now:
-            return self._backoff(m, now)
+            return refusals.backoff(m, now)
         return None
 
     def release(self, waiter: int, now: float) -> list[Effect]:
@@ -167,7 +168,7 @@ class Scheduler:
         stopped (at once while it loads, with stop_timeout's grace once it serves)."""
         m = self._models[name]
         out: list[Effect] = []
-        self._refuse_waiters(m, out, self._stopped(m, "it was unloaded"))
+        self._refuse_waiters(m, out, refusals.stopped(m, "it was unloaded"))
         self._dequeue(m)
         m.failures, m.retry_at = 0, 0.0
         m.stale = False
@@ -301,7 +302,7 @@ class Scheduler:
         self.draining = True
         out: list[Effect] = []
         for m in self._models.values():
-            self._refuse_waiters(m, out, self._stopped(m, "modelherd is shutting down"))
+            self._refuse_waiters(m, out, refusals.stopped(m, "modelherd is shutting down"))
             self._dequeue(m)
             if m.status is ModelStatus.LOADING:
                 self._stop(m, 0.0, "shutdown", out)
@@ -397,7 +398,7 @@ class Scheduler:
                 return
             self._dequeue(m)
             if isinstance(decision, Refuse):
-                why = self._refusal(m, decision, available)
+                why = refusals.cannot_fit(m, decision, available, self.settings.memory_margin)
                 out.append(Log(logging.WARNING, why.message))
                 self._refuse_waiters(m, out, why)
                 continue
@@ -496,29 +497,3 @@ class Scheduler:
             weights = m.estimate.weights if m.estimate else 0
             claimed += max(m.need, used) - max(0, used - weights)
         return self._memory.available() - self.settings.memory_margin - claimed
-
-    # ---- what clients are told ---------------------------------------------------------
-
-    def _backoff(self, m: Model, now: float) -> Rejection:
-        left = max(0.0, m.retry_at - now)
-        reason = m.failure.message if m.failure else "unknown"
-        return Rejection(ErrorKind.LOAD_FAILED,
-                         f"model {m.name!r} failed to load {m.failures} time(s) in a row; "
-                         f"next attempt in {left:.0f} s. Last error: {reason}", math.ceil(left))
-
-    def _refusal(self, m: Model, decision: Refuse, available: int) -> Rejection:
-        """A model that can never fit: pinned models hold every place, or memory is too small."""
-        if not decision.memory:
-            return Rejection(ErrorKind.UNAVAILABLE, f"model {m.name!r} cannot be loaded: {decision.reason}")
-        need = m.estimate.describe() if m.estimate else f"about {mib(m.need)}"
-        if m.last_rss > (m.estimate.total if m.estimate else 0):
-            need = f"about {mib(m.last_rss)} (measured at its last load)"
-        margin = self.settings.memory_margin
-        return Rejection(ErrorKind.UNAVAILABLE,
-                         f"model {m.name!r} does not fit in memory: it needs {need}; "
-                         f"{mib(max(0, available + margin))} is available and memory_margin_mb keeps "
-                         f"{mib(margin)} free")
-
-    def _stopped(self, m: Model, why: str) -> Rejection:
-        doing = "loading" if m.status is ModelStatus.LOADING else "waiting to load"
-        return Rejection(ErrorKind.UNAVAILABLE, f"model {m.name!r} was {doing} and {why}")

@@ -21,12 +21,12 @@ from protocol.errors import ErrorKind
 from worker.outputs import Delta, Finish, Reasoning, Text, Timings, ToolCallArgs, ToolCallBegin, Usage
 from worker.responses_api import (
     ResponsesOptions,
-    ResponsesRenderer,
     history_messages,
     input_tokens_body,
     parse,
     with_history,
 )
+from worker.responses_render import ResponsesRenderer
 from worker.schema import RequestInvalid
 from worker.task import Message, Sampling, ToolCall, ToolChoice
 

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from protocol.errors import ErrorKind
 from protocol.messages import Endpoint, ModelInfo, StoredTurn, WorkerConfig
-from worker import messages_api, native_api, openai_api, responses_api
+from worker import messages_api, native_api, openai_api, responses_api, responses_render
 from worker import openai_wire as w
 from worker.backend import Backend, LazyGrammar, Prompt, SeqSpec
 from worker.choice import OutputParser, PlainText
@@ -251,7 +251,7 @@ class Endpoints:
             past = responses_api.history_messages([(t.request, t.response) for t in history])
             task = responses_api.with_history(task, options, past)
         task = replace(task, conversation=key)
-        renderer = responses_api.ResponsesRenderer(self._model, options)
+        renderer = responses_render.ResponsesRenderer(self._model, options)
         gen = self._generation(task, SingleChoice(renderer, task.stream), None)
         gen.response_id = renderer.id
         if options.store:

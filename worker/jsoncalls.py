@@ -16,6 +16,7 @@ from worker.toolscan import (
     NEED,
     Frame,
     Miss,
+    ObjectFrame,
     ToolScan,
     first_key,
     match_any,
@@ -80,10 +81,7 @@ class CallList(Frame):
             p.mark(0)  # what follows a finished call is given back as text if it is not structure
             self.phase = 2
             return True
-        n = skip_ws(p.buf, 0)
-        if n:
-            p.take(n)
-        buf = p.buf
+        buf = p.skip_ws()
         if not buf:
             return p.need()
         c = buf[0]
@@ -125,14 +123,13 @@ class CallList(Frame):
         return p.pop()
 
 
-class CallObject(Frame):
+class CallObject(ObjectFrame):
     """One call as a JSON object: {"name": f, "arguments": {...}} and the variants (Llama's
     "parameters", a leading "type", Nemo's "id"). The call is announced when the name is read;
     arguments read before it are kept and sent with the announcement."""
 
     def __init__(self) -> None:
-        self.phase = "open"  # open, key_or_end, key, colon, value, after, child
-        self.key = ""
+        super().__init__()
         self.name: str | None = None
         self.id: str | None = None
         self.index = -1  # once announced
@@ -140,53 +137,19 @@ class CallObject(Frame):
         self.sent_args = False
         self.child: Frame | None = None
 
-    def step(self, p: ToolScan) -> bool:
-        if self.phase == "open":
-            p.take(1)  # '{', seen by whoever pushed this frame
-            self.phase = "key_or_end"
-            return True
-        if self.phase == "child":
-            if isinstance(self.child, Args):
-                if self.index >= 0:
-                    self.sent_args = True
-                else:
-                    self.args = self.child.text
-            self.phase = "after"
-            return True
-        n = skip_ws(p.buf, 0)
-        if n:
-            p.take(n)
-        buf = p.buf
-        if not buf:
-            return p.need()
-        c = buf[0]
-        phase = self.phase
-        if c == "}" and phase in ("key_or_end", "after"):
-            p.take(1)
-            return self._close(p)
-        if phase == "after":
-            if c != ",":
-                return p.fail()
-            p.take(1)
-            self.phase = "key"
-            return True
-        if phase in ("key_or_end", "key"):
-            r = string_at(buf, 0)
-            if r is NEED:
-                return p.need()
-            if isinstance(r, Miss) or (r[0] not in CALL_KEYS and self.index < 0):
-                return p.fail()
-            self.key = r[0]
-            p.take(r[1])
-            self.phase = "colon"
-            return True
-        if phase == "colon":
-            if c != ":":
-                return p.fail()
-            p.take(1)
-            self.phase = "value"
-            return True
-        return self._value(p, buf, c)
+    def _key_ok(self, key: str) -> bool:
+        return key in CALL_KEYS or self.index >= 0
+
+    def _child_done(self) -> None:
+        if isinstance(self.child, Args):
+            if self.index >= 0:
+                self.sent_args = True
+            else:
+                self.args = self.child.text
+
+    def _end(self, p: ToolScan) -> bool:
+        p.take(1)
+        return self._close(p)
 
     def _value(self, p: ToolScan, buf: str, c: str) -> bool:
         key = self.key
@@ -264,9 +227,7 @@ class Args(Frame):
 
     def step(self, p: ToolScan) -> bool:
         if not self.scan.consumed:
-            n = skip_ws(p.buf, 0)
-            if n:
-                p.take(n)
+            p.skip_ws()
             if not p.buf:
                 return p.need()
             if self.require_object and p.buf[0] != "{":
@@ -329,9 +290,7 @@ class NamedArgs(Frame):
             p.mark(0)
             self.phase = 2
             return True
-        n = skip_ws(p.buf, 0)
-        if n:
-            p.take(n)
+        p.skip_ws()
         r = match_at(p.buf, 0, self.close)
         if not r:
             return p.need() if r is None else p.fail()
@@ -395,10 +354,7 @@ class PyCall(Frame):
             p.closer = close_brace
             self.phase = 1
             return True
-        n = skip_ws(p.buf, 0)
-        if n:
-            p.take(n)
-        buf = p.buf
+        buf = p.skip_ws()
         if not buf:
             return p.need()
         if buf[0] == ")":
@@ -436,58 +392,26 @@ def null_close() -> str:
     return "null}"
 
 
-class Wrapper(Frame):
+class Wrapper(ObjectFrame):
     """llama.cpp's generic JSON reply: {"tool_call": {...}}, {"tool_calls": [...]} (maybe with
     "content") or {"response": "..."}, whose text is sent as visible text."""
 
     def __init__(self) -> None:
-        self.phase = "open"
-        self.key = ""
+        super().__init__()
         self.answered = False  # a call or a reply was read
 
-    def step(self, p: ToolScan) -> bool:
-        if self.phase == "open":
-            p.take(1)
-            self.phase = "key_or_end"
-            return True
-        if self.phase == "child":
-            self.answered = True
-            self.phase = "after"
-            return True
-        n = skip_ws(p.buf, 0)
-        if n:
-            p.take(n)
-        buf = p.buf
-        if not buf:
-            return p.need()
-        c = buf[0]
-        if c == "}" and self.phase in ("key_or_end", "after"):
-            if not self.answered:
-                return p.fail()
-            p.take(1)
-            p.commit()
-            p.strip_lead = True
-            return p.pop()
-        if self.phase == "after":
-            if c != ",":
-                return p.fail()
-            p.take(1)
-            self.phase = "key"
-            return True
-        if self.phase in ("key_or_end", "key"):
-            r = string_at(buf, 0)
-            if isinstance(r, Miss):
-                return p.need() if r is NEED else p.fail()
-            self.key = r[0]
-            p.take(r[1])
-            self.phase = "colon"
-            return True
-        if self.phase == "colon":
-            if c != ":":
-                return p.fail()
-            p.take(1)
-            self.phase = "value"
-            return True
+    def _child_done(self) -> None:
+        self.answered = True
+
+    def _end(self, p: ToolScan) -> bool:
+        if not self.answered:
+            return p.fail()
+        p.take(1)
+        p.commit()
+        p.strip_lead = True
+        return p.pop()
+
+    def _value(self, p: ToolScan, buf: str, c: str) -> bool:
         self.phase = "child"
         if self.key == "tool_call" and c == "{":
             return p.push(CallObject())

@@ -44,10 +44,7 @@ class DeepSeekCalls(Frame):
             p.mark(0)
             self.phase = 2
             return True
-        n = skip_ws(p.buf, 0)
-        if n:
-            p.take(n)
-        buf = p.buf
+        buf = p.skip_ws()
         if not buf:
             return p.need()
         if self.phase == 2:
@@ -115,10 +112,7 @@ class XmlCall(Frame):
     def step(self, p: ToolScan) -> bool:
         if self.phase == 2:
             return self._value(p)
-        n = skip_ws(p.buf, 0)
-        if n:
-            p.take(n)
-        buf = p.buf
+        buf = p.skip_ws()
         if not buf:
             return p.need()
         if self.phase == 3:

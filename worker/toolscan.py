@@ -101,6 +101,66 @@ class Frame:
         raise NotImplementedError
 
 
+class ObjectFrame(Frame):
+    """A JSON object read member by member. Subclasses say which keys may appear, what a
+    value starts, what a finished child frame means and what the closing brace does."""
+
+    def __init__(self) -> None:
+        self.phase = "open"  # open, key_or_end, key, colon, value, after, child
+        self.key = ""
+
+    def step(self, p: ToolScan) -> bool:
+        if self.phase == "open":
+            p.take(1)  # '{', seen by whoever pushed this frame
+            self.phase = "key_or_end"
+            return True
+        if self.phase == "child":
+            self._child_done()
+            self.phase = "after"
+            return True
+        buf = p.skip_ws()
+        if not buf:
+            return p.need()
+        c = buf[0]
+        if c == "}" and self.phase in ("key_or_end", "after"):
+            return self._end(p)
+        if self.phase == "after":
+            if c != ",":
+                return p.fail()
+            p.take(1)
+            self.phase = "key"
+            return True
+        if self.phase in ("key_or_end", "key"):
+            r = string_at(buf, 0)
+            if isinstance(r, Miss):
+                return p.need() if r is NEED else p.fail()
+            if not self._key_ok(r[0]):
+                return p.fail()
+            self.key = r[0]
+            p.take(r[1])
+            self.phase = "colon"
+            return True
+        if self.phase == "colon":
+            if c != ":":
+                return p.fail()
+            p.take(1)
+            self.phase = "value"
+            return True
+        return self._value(p, buf, c)
+
+    def _key_ok(self, key: str) -> bool:
+        return True
+
+    def _child_done(self) -> None:
+        pass
+
+    def _end(self, p: ToolScan) -> bool:
+        raise NotImplementedError
+
+    def _value(self, p: ToolScan, buf: str, c: str) -> bool:
+        raise NotImplementedError
+
+
 def empty_args() -> str:
     return "{}"
 
@@ -157,6 +217,13 @@ class ToolScan:
         if self._held is not None:
             self._held += s
         return s
+
+    def skip_ws(self) -> str:
+        """Take leading whitespace; what is left of the buffer."""
+        n = skip_ws(self.buf, 0)
+        if n:
+            self.take(n)
+        return self.buf
 
     def push(self, frame: Frame) -> bool:
         self.stack.append(frame)
